@@ -1,0 +1,151 @@
+"""The Runner contract, the backend registry and ``backend="auto"``.
+
+A Runner turns a preprocessed batch (B, 1, H, W) float32 into ``{"logits": (B, K),
+"heatmaps": (B, K, h, w)}``. Public methods check inputs and outputs; subclasses implement
+``_load_impl`` and ``_infer_impl`` only (the Polygraphy pattern).
+
+Arrays: on the CPU, numpy in and numpy out. On CUDA, a torch CUDA tensor (or anything that
+speaks DLPack) in, torch CUDA tensors out; heatmaps may be fp16.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..config import Device, Precision
+from ..errors import BackendError, BackendUnavailableError
+from ..models import ModelPackage
+
+__all__ = ["Runner", "register_backend", "create_runner", "available_backends", "BACKENDS"]
+
+log = logging.getLogger(__name__)
+
+
+class Runner(abc.ABC):
+    name: str = "base"
+    #: devices and precisions the backend supports
+    devices: tuple[Device, ...] = (Device.CPU,)
+    precisions: tuple[Precision, ...] = (Precision.FP32,)
+
+    def __init__(self, model: ModelPackage, device: str | Device = "cpu",
+                 precision: str | Precision = "fp32", **options: Any) -> None:
+        self.model = model
+        self.device_str = str(device.value if isinstance(device, Device) else device)
+        self.device = Device.parse(device)
+        self.precision = Precision.parse(precision)
+        self.options = options
+        if self.device not in self.devices:
+            raise BackendUnavailableError(f"backend {self.name!r} does not run on {self.device.value}")
+        if self.precision not in self.precisions:
+            raise BackendUnavailableError(
+                f"backend {self.name!r} supports precisions {[p.value for p in self.precisions]}, "
+                f"not {self.precision.value}"
+            )
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    # -- public contract -------------------------------------------------------------------
+    def load(self) -> "Runner":
+        with self._lock:
+            if not self._loaded:
+                self._load_impl()
+                self._loaded = True
+        return self
+
+    def infer(self, batch: Any) -> dict[str, Any]:
+        if not self._loaded:
+            self.load()
+        shape = tuple(batch.shape)
+        H, W = self.model.card.input_hw
+        if len(shape) != 4 or shape[1] != 1 or shape[2:] != (H, W) or shape[0] < 1:
+            raise BackendError(f"{self.name}: expected a batch (B, 1, {H}, {W}), got {shape}")
+        out = self._infer_impl(batch)
+        K = self.model.card.num_classes
+        h, w = self.model.card.heatmap_hw
+        lg, hm = out.get("logits"), out.get("heatmaps")
+        if lg is None or hm is None:
+            raise BackendError(f"{self.name}: model must output 'logits' and 'heatmaps', got {sorted(out)}")
+        if tuple(lg.shape) != (shape[0], K) or tuple(hm.shape) != (shape[0], K, h, w):
+            raise BackendError(
+                f"{self.name}: output shapes logits {tuple(lg.shape)} heatmaps {tuple(hm.shape)} do not match "
+                f"the card (B={shape[0]}, K={K}, heatmap {h}x{w})"
+            )
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._loaded:
+                self._close_impl()
+                self._loaded = False
+
+    def __enter__(self) -> "Runner":
+        return self.load()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model.name!r}, device={self.device_str!r}, precision={self.precision.value!r})"
+
+    # -- for subclasses ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def _load_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def _infer_impl(self, batch: Any) -> dict[str, Any]: ...
+
+    def _close_impl(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    factory: Callable[[], type[Runner]]
+    available: Callable[[Device, Precision], str | None]  # None if usable, else why not
+    auto_priority: int
+
+
+BACKENDS: dict[str, _Entry] = {}
+
+
+def register_backend(name: str, factory: Callable[[], type[Runner]],
+                     available: Callable[[Device, Precision], str | None], auto_priority: int) -> None:
+    """Register a backend. ``factory`` imports lazily; ``available`` says why it cannot run, or None."""
+    BACKENDS[name] = _Entry(name, factory, available, auto_priority)
+
+
+def available_backends(device: str | Device = "cpu", precision: str | Precision = "fp32") -> dict[str, str | None]:
+    """name -> None if usable for (device, precision), else the reason it is not."""
+    d, p = Device.parse(device), Precision.parse(precision)
+    return {n: e.available(d, p) for n, e in sorted(BACKENDS.items(), key=lambda kv: kv[1].auto_priority)}
+
+
+def create_runner(model: ModelPackage, backend: str = "auto", device: str | Device = "cpu",
+                  precision: str | Precision = "fp32", **options: Any) -> Runner:
+    d, p = Device.parse(device), Precision.parse(precision)
+    if backend == "auto":
+        reasons = {}
+        for e in sorted(BACKENDS.values(), key=lambda e: e.auto_priority):
+            why = e.available(d, p)
+            if why is None and e.name == "torch" and model.card.arch is None:
+                why = "the card names no torch arch"
+            if why is None and e.name in ("onnxruntime", "tensorrt") and model.onnx_path is None:
+                why = "the card names no ONNX file"
+            if why is None:
+                log.info("backend='auto' picked %r for device=%s precision=%s", e.name, d.value, p.value)
+                return e.factory()(model, device, precision, **options)
+            reasons[e.name] = why
+        detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+        raise BackendUnavailableError(f"no backend can run {model.name!r} on {d.value} in {p.value} ({detail})")
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {backend!r}; registered: {sorted(BACKENDS)}")
+    e = BACKENDS[backend]
+    why = e.available(d, p)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run on {d.value} in {p.value}: {why}")
+    return e.factory()(model, device, precision, **options)

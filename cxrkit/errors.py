@@ -1,0 +1,78 @@
+"""Typed errors. Every error names the input (or model, or backend) and what was wrong.
+
+Each subclass also inherits the matching builtin (``ValueError`` for bad data, ``RuntimeError``
+for failures of the machinery), so callers that catch builtins keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CxrkitError",
+    "InputError",
+    "UnsupportedFormatError",
+    "DecodeError",
+    "ImageTooLargeError",
+    "ModelError",
+    "ModelCardError",
+    "IntegrityError",
+    "BackendUnavailableError",
+    "BackendError",
+    "AccuracyGuardError",
+    "QueueFullError",
+]
+
+
+class CxrkitError(Exception):
+    """Base class of every error cxrkit raises on purpose."""
+
+
+class InputError(CxrkitError, ValueError):
+    """An input item could not be read. ``source`` names the item (path or short description)."""
+
+    def __init__(self, source: str, message: str) -> None:
+        self.source = source
+        self.message = message
+        super().__init__(f"{source!r}: {message}" if source else message)
+
+    def __reduce__(self):  # keep pickling (multiprocessing, Ray) working with the 2-arg init
+        return (type(self), (self.source, self.message))
+
+
+class UnsupportedFormatError(InputError):
+    """The content is not an image format cxrkit reads (sniffed from bytes, not the file name)."""
+
+
+class DecodeError(InputError):
+    """The format is known but the data is corrupt, truncated or inconsistent."""
+
+
+class ImageTooLargeError(InputError):
+    """The image or file exceeds a configured limit (decompression-bomb guard)."""
+
+
+class ModelError(CxrkitError, ValueError):
+    """A model package is missing, malformed or inconsistent."""
+
+
+class ModelCardError(ModelError):
+    """card.json does not validate against the card schema."""
+
+
+class IntegrityError(ModelError):
+    """A weights file, ONNX graph or cached engine does not match its recorded hash."""
+
+
+class BackendUnavailableError(CxrkitError, RuntimeError):
+    """A backend's library or device is missing. The message says what to install."""
+
+
+class BackendError(CxrkitError, RuntimeError):
+    """A backend failed while loading or running a model."""
+
+
+class AccuracyGuardError(CxrkitError, RuntimeError):
+    """A lower-precision model lost more accuracy than allowed against fp32."""
+
+
+class QueueFullError(CxrkitError, RuntimeError):
+    """A bounded request queue is full (back-pressure)."""
