@@ -17,6 +17,7 @@ __all__ = [
     "IntegrityError",
     "BackendUnavailableError",
     "BackendError",
+    "OutOfMemoryError",
     "AccuracyGuardError",
     "QueueFullError",
 ]
@@ -68,6 +69,10 @@ class BackendUnavailableError(CxrkitError, RuntimeError):
 
 class BackendError(CxrkitError, RuntimeError):
     """A backend failed while loading or running a model."""
+
+
+class OutOfMemoryError(BackendError):
+    """A backend ran out of device memory on a batch; the Detector retries with smaller batches."""
 
 
 class AccuracyGuardError(CxrkitError, RuntimeError):

@@ -20,7 +20,7 @@ from ..config import Device, Precision
 from ..errors import BackendError, BackendUnavailableError
 from ..models import ModelPackage
 
-__all__ = ["Runner", "register_backend", "create_runner", "available_backends", "BACKENDS"]
+__all__ = ["Runner", "register_backend", "create_runner", "available_backends", "BACKENDS", "AUTO_ORDER"]
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +107,28 @@ class _Entry:
     name: str
     factory: Callable[[], type[Runner]]
     available: Callable[[Device, Precision], str | None]  # None if usable, else why not
-    auto_priority: int
 
 
 BACKENDS: dict[str, _Entry] = {}
 
 
+#: the order ``backend="auto"`` tries, per device (DESIGN.md: TensorRT, then torch on CUDA, then ORT on CPU)
+AUTO_ORDER: dict[Device, tuple[str, ...]] = {
+    Device.CUDA: ("tensorrt", "torch", "onnxruntime"),
+    Device.CPU: ("onnxruntime", "torch"),
+}
+
+
 def register_backend(name: str, factory: Callable[[], type[Runner]],
-                     available: Callable[[Device, Precision], str | None], auto_priority: int) -> None:
+                     available: Callable[[Device, Precision], str | None]) -> None:
     """Register a backend. ``factory`` imports lazily; ``available`` says why it cannot run, or None."""
-    BACKENDS[name] = _Entry(name, factory, available, auto_priority)
+    BACKENDS[name] = _Entry(name, factory, available)
 
 
 def available_backends(device: str | Device = "cpu", precision: str | Precision = "fp32") -> dict[str, str | None]:
     """name -> None if usable for (device, precision), else the reason it is not."""
     d, p = Device.parse(device), Precision.parse(precision)
-    return {n: e.available(d, p) for n, e in sorted(BACKENDS.items(), key=lambda kv: kv[1].auto_priority)}
+    return {n: e.available(d, p) for n, e in sorted(BACKENDS.items())}
 
 
 def create_runner(model: ModelPackage, backend: str = "auto", device: str | Device = "cpu",
@@ -130,7 +136,10 @@ def create_runner(model: ModelPackage, backend: str = "auto", device: str | Devi
     d, p = Device.parse(device), Precision.parse(precision)
     if backend == "auto":
         reasons = {}
-        for e in sorted(BACKENDS.values(), key=lambda e: e.auto_priority):
+        for name in AUTO_ORDER[d]:
+            e = BACKENDS.get(name)
+            if e is None:
+                continue
             why = e.available(d, p)
             if why is None and e.name == "torch" and model.card.arch is None:
                 why = "the card names no torch arch"
@@ -148,4 +157,5 @@ def create_runner(model: ModelPackage, backend: str = "auto", device: str | Devi
     why = e.available(d, p)
     if why is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run on {d.value} in {p.value}: {why}")
+    log.info("backend %r on device=%s precision=%s", backend, d.value, p.value)
     return e.factory()(model, device, precision, **options)
