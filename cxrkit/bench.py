@@ -1,0 +1,157 @@
+"""`cxrkit bench`: end-to-end images/s of the Detector against a naive baseline, same run.
+
+The naive baseline is what a user would assemble by hand: Pillow decode, a numpy letterbox,
+and torch eager, one image at a time, with the SAME model. The floor printed beside them is the
+decode-alone rate of the same files (Pillow, all cores): no pipeline can beat its own decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io as _io
+import json
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["synthetic_radiograph", "write_images", "run_bench"]
+
+
+def synthetic_radiograph(size: int, seed: int, bits: int = 8) -> np.ndarray:
+    """A radiograph-like image (two dark lung fields, bright mediastinum, noise): never zeros."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = 0.75 - 0.35 * np.exp(-(((x - 0.3) / 0.16) ** 2 + ((y - 0.5) / 0.3) ** 2))
+    img -= 0.35 * np.exp(-(((x - 0.7) / 0.16) ** 2 + ((y - 0.5) / 0.3) ** 2))
+    small = rng.standard_normal((size // 32 + 2, size // 32 + 2)).astype(np.float32)
+    from PIL import Image
+
+    tex = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
+    img = img + 0.04 * tex + 0.02 * rng.standard_normal((size, size)).astype(np.float32)
+    img = np.clip(img, 0, 1)
+    if bits == 16:
+        return (img * 65535).astype(np.uint16)
+    return (img * 255).astype(np.uint8)
+
+
+def write_images(folder: Path, n: int, size: int, fmt: str) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        if fmt == "jpeg":
+            p = folder / f"syn_{i:04d}.jpg"
+            Image.fromarray(synthetic_radiograph(size, i)).save(p, quality=90)
+        elif fmt == "png16":
+            p = folder / f"syn16_{i:04d}.png"
+            Image.fromarray(synthetic_radiograph(size, i, bits=16)).save(p)
+        else:
+            raise ValueError(f"unknown format {fmt!r} (jpeg, png16)")
+        out.append(p)
+    return out
+
+
+def naive_baseline(model, paths: list[Path]) -> Callable[[], None]:
+    """Pillow decode + numpy letterbox + torch eager fp32, one image at a time, same model."""
+    import torch
+    from PIL import Image
+
+    from .nets import create_net, load_weights
+    from .preprocess.letterbox import letterbox_geometry
+
+    card = model.card
+    net = create_net(card.arch, **card.arch_kwargs)
+    load_weights(net, model.verified("weights"))
+    net.eval()
+    H, W = card.input_hw
+
+    def run() -> None:
+        for p in paths:
+            im = Image.open(p)
+            a = np.asarray(im)
+            hi = 65535.0 if a.dtype == np.uint16 else 255.0
+            if a.ndim == 3:
+                a = np.asarray(im.convert("L"))
+            tf = letterbox_geometry(a.shape, (H, W))
+            small = Image.fromarray(a.astype(np.float32) / hi, mode="F").resize(tf.resized_hw[::-1], Image.BILINEAR)
+            canvas = np.zeros((H, W), np.float32)
+            t, l = tf.offset_yx
+            canvas[t:t + tf.resized_hw[0], l:l + tf.resized_hw[1]] = np.asarray(small)
+            x = torch.from_numpy((canvas - card.mean) / card.std)[None, None]
+            with torch.inference_mode():
+                lg, hm = net(x)
+            torch.sigmoid(lg)
+
+    return run
+
+
+def decode_floor(paths: list[Path], threads: int) -> Callable[[], None]:
+    from PIL import Image
+
+    def dec(p: Path) -> None:
+        with Image.open(p) as im:
+            im.load()
+
+    def run() -> None:
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(dec, paths))
+
+    return run
+
+
+def _time(fn: Callable[[], Any], repeat: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    from .api import Detector
+
+    det = Detector.from_pretrained(a.model, device=a.device, backend=a.backend, precision=a.precision,
+                                   batch_size=a.batch_size)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in a.formats.split(","):
+            paths = write_images(Path(tmp) / fmt, a.images, a.size, fmt)
+            stage: dict[str, list[float]] = {}
+
+            def ours() -> None:
+                for pr in det.predict_iter([str(p) for p in paths]):
+                    if pr.error is not None:
+                        raise RuntimeError(f"bench input failed: {pr.error}")
+                    for k, v in pr.timings_ms.items():
+                        stage.setdefault(k, []).append(v)
+
+            t_ours = _time(ours, a.repeat)
+            t_base = _time(naive_baseline(det.model, paths), max(1, a.repeat - 1)) if det.card.arch else float("nan")
+            t_floor = _time(decode_floor(paths, os.cpu_count() or 1), a.repeat)
+            n = len(paths)
+            rows.append({
+                "format": fmt, "images": n, "size": a.size, "device": a.device, "backend": det.backend_name,
+                "model": det.model.name, "cxrkit_img_s": n / t_ours, "baseline_img_s": n / t_base,
+                "ratio": t_base / t_ours, "decode_floor_img_s": n / t_floor,
+                "stage_ms_per_image": {k: float(np.median(v)) for k, v in stage.items()},
+            })
+    det.close()
+    print(f"cxrkit bench  model={rows[0]['model']} backend={rows[0]['backend']} device={a.device} "
+          f"cores={os.cpu_count()}  (baseline: Pillow + numpy + torch eager, one image at a time)")
+    print(f"{'format':8} {'cxrkit img/s':>13} {'baseline img/s':>15} {'ratio':>7} {'decode floor img/s':>19}  stages ms/img")
+    for r in rows:
+        st = " ".join(f"{k}={v:.1f}" for k, v in r["stage_ms_per_image"].items())
+        print(f"{r['format']:8} {r['cxrkit_img_s']:13.2f} {r['baseline_img_s']:15.2f} {r['ratio']:6.2f}x "
+              f"{r['decode_floor_img_s']:19.2f}  {st}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
