@@ -1,9 +1,10 @@
 """The Detector: inputs in, one Prediction per input out, in input order.
 
 Thread safety: a Detector may be shared across threads. Reading and sniffing inputs runs in
-the calling thread; preprocessing, inference and post-processing of a batch run under one lock
-per Detector (DALI pipelines and CUDA graphs are not re-entrant), so concurrent callers are
-serialized batch by batch and each gets exactly the results of a serial call. For throughput
+the calling thread (or its prefetch thread); preprocessing runs under one lock and inference
+plus post-processing under another (DALI pipelines and CUDA graphs are not re-entrant), so
+concurrent callers are serialized stage by stage, batch by batch, and each gets exactly the
+results of a serial call. For throughput
 under many concurrent single-image callers use ``cxrkit.BatchingDetector``.
 """
 
@@ -14,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -114,7 +116,8 @@ class Detector:
             num_threads=self.num_threads,
             device_id=None if self.device is Device.CPU else _cuda_index(self.device_str),
         )
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # runner + post-processing
+        self._pre_lock = threading.Lock()  # preprocessing pipelines
         self._closed = False
         self._thresholds = self.card.thresholds  # (K,)
         self._heat_thresholds = self.card.heatmap_thresholds  # (K,)
@@ -150,15 +153,32 @@ class Detector:
         return list(self.predict_iter(inputs, batch_size=batch_size, return_heatmaps=return_heatmaps))
 
     def predict_iter(self, inputs: Iterable[Any], batch_size: int | None = None,
-                     return_heatmaps: bool = False) -> Iterator[Prediction]:
-        """Stream predictions for an iterable of inputs, one batch in memory at a time."""
+                     return_heatmaps: bool = False, prefetch: bool = True) -> Iterator[Prediction]:
+        """Stream predictions for an iterable of inputs, at most two batches in memory at a time.
+
+        With ``prefetch`` (default), reading and preprocessing (decode, resize) of batch n+1 runs in
+        a helper thread while batch n is inferred and post-processed, so the decoder and the
+        network overlap; results are identical to ``prefetch=False``.
+        """
         bs = int(batch_size or self.batch_size)
         it = iter(enumerate(inputs))
-        while True:
-            chunk = list(itertools.islice(it, bs))
-            if not chunk:
+        chunks = iter(lambda: list(itertools.islice(it, bs)), [])
+        if not prefetch:
+            for chunk in chunks:
+                yield from self._finish(self._prepare(chunk), return_heatmaps)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="cxrkit-prefetch") as ex:
+            first = next(chunks, None)
+            if first is None:
                 return
-            yield from self._run_batch(chunk, return_heatmaps)
+            fut = ex.submit(self._prepare, first)
+            for chunk in chunks:
+                nxt = ex.submit(self._prepare, chunk)
+                yield from self._finish(fut.result(), return_heatmaps)
+                fut = nxt
+            yield from self._finish(fut.result(), return_heatmaps)
 
     # -- internals -----------------------------------------------------------------------------
     def _load(self, index: int, item: Any):
@@ -174,36 +194,50 @@ class Detector:
             return None, DecodeError(_describe(item, index), f"unexpected {type(e).__name__}: {e}"), 0.0
         return img, None, (time.perf_counter() - t0) * 1e3
 
-    def _run_batch(self, chunk: Sequence[tuple[int, Any]], return_heatmaps: bool) -> list[Prediction]:
+    def _prepare(self, chunk: Sequence[tuple[int, Any]]) -> "_Prepared":
+        """Stage 1: read every item, then preprocess the readable ones as one batch."""
         if self._closed:
             raise RuntimeError("this Detector is closed")
         n = len(chunk)
-        loaded: list[Any] = [None] * n
-        errors: dict[int, CxrkitError] = {}
-        load_ms = [0.0] * n
+        prep = _Prepared(chunk=chunk, loaded=[None] * n, errors={}, load_ms=[0.0] * n)
         for pos, (index, item) in enumerate(chunk):
             img, err, ms = self._load(index, item)
-            load_ms[pos] = ms
+            prep.load_ms[pos] = ms
             if err is not None:
-                errors[pos] = err
+                prep.errors[pos] = err
             else:
-                loaded[pos] = img
-        ok_pos = [p for p in range(n) if loaded[p] is not None]
+                prep.loaded[pos] = img
+        ok_pos = [p for p in range(n) if prep.loaded[p] is not None]
+        if ok_pos:
+            t0 = time.perf_counter()
+            with self._pre_lock:
+                pre = self.preprocessor.run([prep.loaded[p] for p in ok_pos])
+            prep.preprocess_ms = (time.perf_counter() - t0) * 1e3
+            for p_local, err in pre.errors.items():
+                prep.errors[ok_pos[p_local]] = err
+            prep.ok = [ok_pos[p] for p in pre.ok_positions]
+            prep.pre = pre
+        return prep
+
+    def _finish(self, prep: "_Prepared", return_heatmaps: bool) -> list[Prediction]:
+        """Stage 2: infer and post-process the batch, then assemble one Prediction per item."""
         results: dict[int, dict[str, Any]] = {}
         stage_ms: dict[str, float] = {}
-        if ok_pos:
+        if prep.ok:
             with self._lock:
-                results, stage_ms = self._process([loaded[p] for p in ok_pos], ok_pos, errors, return_heatmaps)
+                results, stage_ms = self._infer(prep, return_heatmaps)
+            stage_ms["preprocess"] = prep.preprocess_ms
         n_done = max(1, len(results))
         out = []
-        for pos, (index, item) in enumerate(chunk):
-            img = loaded[pos]
-            source = img.source if img is not None else getattr(errors.get(pos), "source", None) or _describe(item, index)
-            timings = {"load": load_ms[pos]}
-            if pos in errors:
-                out.append(Prediction(source=source, index=index, error=errors[pos], timings_ms=timings,
+        for pos, (index, item) in enumerate(prep.chunk):
+            img = prep.loaded[pos]
+            err = prep.errors.get(pos)
+            source = img.source if img is not None else getattr(err, "source", None) or _describe(item, index)
+            timings = {"load": prep.load_ms[pos]}
+            if err is not None:
+                out.append(Prediction(source=source, index=index, error=err, timings_ms=timings,
                                       image_size=img.image_size if img is not None else None,
-                                      model=self.model.name))
+                                      meta=dict(img.meta) if img is not None else {}, model=self.model.name))
                 continue
             r = results[pos]
             timings.update({k: v / n_done for k, v in stage_ms.items()})
@@ -214,16 +248,8 @@ class Detector:
             ))
         return out
 
-    def _process(self, imgs: list[Any], positions: list[int], errors: dict[int, CxrkitError],
-                 return_heatmaps: bool) -> tuple[dict[int, dict[str, Any]], dict[str, float]]:
-        t0 = time.perf_counter()
-        pre = self.preprocessor.run(imgs)
-        for p_local, err in pre.errors.items():
-            errors[positions[p_local]] = err
-        ok = [positions[p] for p in pre.ok_positions]
-        t1 = time.perf_counter()
-        if not ok:
-            return {}, {"preprocess": (t1 - t0) * 1e3}
+    def _infer(self, prep: "_Prepared", return_heatmaps: bool) -> tuple[dict[int, dict[str, Any]], dict[str, float]]:
+        ok, pre, errors = prep.ok, prep.pre, prep.errors
         results: dict[int, dict[str, Any]] = {}
         infer_ms = post_ms = 0.0
         # run in slices; a device out-of-memory halves the slice and retries before failing items
@@ -250,7 +276,7 @@ class Detector:
             for p, r in zip(ok[start:stop], part):
                 results[p] = r
             start = stop
-        return results, {"preprocess": (t1 - t0) * 1e3, "infer": infer_ms, "postprocess": post_ms}
+        return results, {"infer": infer_ms, "postprocess": post_ms}
 
     def _postprocess(self, out: dict[str, Any], transforms: list[Any], return_heatmaps: bool) -> list[dict[str, Any]]:
         from .postprocess import detect
@@ -288,7 +314,7 @@ class Detector:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
-        with self._lock:
+        with self._pre_lock, self._lock:
             if not self._closed:
                 self._closed = True
                 self.runner.close()
@@ -303,6 +329,17 @@ class Detector:
     def __repr__(self) -> str:
         return (f"Detector(model={self.model.name!r}, device={self.device_str!r}, backend={self.runner.name!r}, "
                 f"precision={self.precision.value!r})")
+
+
+@dataclass
+class _Prepared:
+    chunk: Sequence[tuple[int, Any]]
+    loaded: list[Any]
+    errors: dict[int, CxrkitError]
+    load_ms: list[float]
+    ok: list[int] = field(default_factory=list)
+    pre: Any = None
+    preprocess_ms: float = 0.0
 
 
 def _cuda_index(device: str) -> int:
