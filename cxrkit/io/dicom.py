@@ -1,0 +1,318 @@
+"""DICOM CR/DX reading with pydicom 3: checks, frame-0 decode, grayscale pipeline, metadata.
+
+pydicom is imported lazily (``import cxrkit`` does not import it). Compressed pixel data is decoded
+by pydicom's pixel handlers: pylibjpeg-libjpeg (JPEG baseline/extended/lossless), pylibjpeg-openjpeg
+(JPEG 2000), pyjpegls (JPEG-LS), pylibjpeg-rle / numpy (RLE).
+
+Policies:
+- Multi-frame: frame 0 is read, with a warning; the other frames are not decoded.
+- Enhanced (functional-group) objects: attributes of the Shared and frame-0 Per-frame
+  Functional Groups (pixel measures, VOI, pixel value transformation) are used as if top-level.
+- Modality: CR, DX, DR, RG, OT (or none) are read; MG, IO, PX, XA, RF are read with a warning;
+  anything else (CT, MR, US, NM, PT, SR...) raises ``UnsupportedFormatError``.
+- Colour (RGB/YBR/PALETTE COLOR) pixel data is converted to gray by ITU-R 601 luminance, with a
+  warning; no Modality/VOI LUT applies to colour data.
+- Grayscale: see ``cxrkit.io.lut`` for the LUT order, the VOI fallback and the inversion rule.
+- A JPEG (baseline/extended) frame whose scan header says Se = 0 for a sequential process (seen
+  in the NEMA WG04 JPEG Extended samples) is decoded again with Se = 63, with a warning.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from cxrkit.config import Limits
+from cxrkit.errors import DecodeError, ImageTooLargeError, InputError, UnsupportedFormatError
+from cxrkit.io.image import LoadedImage, luminance_float, luminance_u8
+from cxrkit.io.lut import to_display
+from cxrkit.io.sniff import patch_sequential_scan_end
+
+__all__ = ["read_dataset", "load_dicom", "encapsulated_frame"]
+
+logger = logging.getLogger(__name__)
+
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT", ""})
+OTHER_XRAY_MODALITIES = frozenset({"MG", "IO", "PX", "XA", "RF"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT"})
+CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "TORSO"})
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def read_dataset(data: bytes, source: str) -> Any:
+    """Parse DICOM bytes (with or without the 128-byte preamble) into a pydicom Dataset."""
+    from pydicom import dcmread
+
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    try:
+        return dcmread(io.BytesIO(data), force=not has_preamble)
+    except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ValueError...
+        raise DecodeError(source, f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+
+
+def load_dicom(
+    ds: Any, *, source: str, index: int, limits: Limits = Limits(), voi_window_index: int = 0
+) -> LoadedImage:
+    """Check a Dataset, decode frame 0 and map it to bone-bright gray (see module docstring)."""
+    warnings_: list[str] = []
+    if len(ds) == 0:
+        raise DecodeError(source, "DICOM data set is empty after the file meta (truncated file?)")
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise InputError(source, f"DICOM has no PixelData ({_sop_class_phrase(ds)})")
+    modality = str(ds.get("Modality") or "").upper()
+    if modality not in RADIOGRAPH_MODALITIES:
+        if modality not in OTHER_XRAY_MODALITIES:
+            raise UnsupportedFormatError(
+                source, f"DICOM modality {modality} is not a radiograph (expected CR or DX; {_sop_class_phrase(ds)})"
+            )
+        warnings_.append(f"modality {modality} is not a chest radiograph modality (CR/DX); read anyway")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows <= 0 or cols <= 0:
+        raise DecodeError(source, f"DICOM Rows/Columns missing or zero ({rows}x{cols})")
+    if rows * cols > limits.max_pixels:
+        raise ImageTooLargeError(
+            source, f"{rows}x{cols} = {rows * cols} pixels exceeds limits.max_pixels = {limits.max_pixels}"
+        )
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    if n_frames > 1:
+        warnings_.append(f"multi-frame DICOM ({n_frames} frames): only frame 0 is read")
+    view = _frame0_view(ds)
+
+    stored = _decode_frame0(ds, source, warnings_)
+    if stored.shape[:2] != (rows, cols):
+        raise DecodeError(source, f"decoded frame is {stored.shape[:2]}, the header says {(rows, cols)}")
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
+    meta = _meta(ds, view, warnings_)
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and stored.ndim == 2:
+        try:
+            gray = to_display(stored, view, voi_window_index=voi_window_index)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise DecodeError(source, f"invalid Modality/VOI LUT attributes: {exc}") from exc
+        pixels, vrange = gray.pixels, gray.value_range
+        meta.update(gray.meta)
+        warnings_.extend(gray.warnings)
+    else:
+        pixels, vrange = _colour_to_gray(stored, ds, photometric, source)
+        warnings_.append(f"colour DICOM ({photometric}) converted to gray by luminance")
+    for w in warnings_:
+        logger.debug("%s: %s", source, w)
+    return LoadedImage(
+        source=source,
+        index=index,
+        format="dicom",
+        image_size=(rows, cols),
+        encoded=None,
+        pixels=pixels,
+        value_range=vrange,
+        meta=meta,
+        warnings=warnings_,
+    )
+
+
+def encapsulated_frame(ds: Any, index: int = 0) -> tuple[bytes, str]:
+    """The encapsulated (JPEG / JPEG 2000 / JPEG-LS / RLE) bytes of one frame and the transfer
+    syntax UID, for hardware decoders (nvJPEG, nvJPEG2000). Raises ``InputError`` for native data."""
+    from pydicom.encaps import get_frame
+
+    source = describe_dataset(ds)
+    ts = _transfer_syntax(ds)
+    if ts is None or not ts.is_encapsulated:
+        raise InputError(source, f"pixel data is not encapsulated (transfer syntax {ts or 'missing'})")
+    if "PixelData" not in ds:
+        raise InputError(source, f"DICOM has no PixelData ({_sop_class_phrase(ds)})")
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        frame = get_frame(ds.PixelData, index, number_of_frames=n_frames)
+    except Exception as exc:
+        raise DecodeError(source, f"cannot extract encapsulated frame {index}: {exc}") from exc
+    return bytes(frame), str(ts)
+
+
+def describe_dataset(ds: Any, index: int | None = None) -> str:
+    """'<Dataset 1.2.826.0.1.3680043... #2>' - a short label for a Dataset input."""
+    uid = str(ds.get("SOPInstanceUID") or "")
+    uid = uid if len(uid) <= 24 else uid[:24] + "..."
+    parts = ["Dataset"] + ([uid] if uid else []) + ([f"#{index}"] if index is not None else [])
+    return "<" + " ".join(parts) + ">"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _sop_class_phrase(ds: Any) -> str:
+    from pydicom.uid import UID
+
+    uid = ds.get("SOPClassUID")
+    if not uid:
+        return "no SOP Class UID"
+    name = UID(str(uid)).name
+    if name == str(uid):
+        return f"SOP Class {uid}"
+    if " SR " in f" {name} ":
+        return f"SOP Class {uid} is {name}, a Structured Report"
+    return f"SOP Class {uid} is {name}"
+
+
+def _transfer_syntax(ds: Any) -> Any:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    return ts
+
+
+def _shallow(ds: Any) -> Any:
+    """A new Dataset sharing ds's elements; replace elements with ``tmp[tag] = ...`` only."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    tmp = Dataset()
+    for elem in ds:
+        tmp.add(elem)
+    tmp.file_meta = FileMetaDataset()
+    for elem in getattr(ds, "file_meta", None) or []:
+        tmp.file_meta.add(elem)
+    return tmp
+
+
+def _frame0_view(ds: Any) -> Any:
+    """ds itself, or for enhanced objects a shallow view with frame-0 functional-group attributes."""
+    shared, per_frame = ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")
+    if not shared and not per_frame:
+        return ds
+    view = _shallow(ds)
+    for groups in (shared, per_frame):  # per-frame overrides shared
+        if not groups:
+            continue
+        for macro in groups[0]:
+            if macro.VR == "SQ" and macro.value:
+                for elem in macro.value[0]:
+                    view[elem.tag] = elem
+    return view
+
+
+def _decode_frame0(ds: Any, source: str, warnings_: list[str]) -> np.ndarray:
+    from pydicom.pixels import get_decoder, pixel_array
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ts = _transfer_syntax(ds)
+    if ts is None:  # an in-memory Dataset: assume native little endian, as pydicom would write it
+        ds = _shallow(ds)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ts = ds.file_meta.TransferSyntaxUID
+        warnings_.append("no Transfer Syntax UID; assumed Explicit VR Little Endian")
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise UnsupportedFormatError(source, f"DICOM transfer syntax {ts} ({ts.name}) is not supported") from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        raise UnsupportedFormatError(source, f"decoding {ts.name} needs one of: {missing}")
+    try:
+        arr = pixel_array(ds, index=0)
+    except Exception as exc:  # plugins raise RuntimeError/ValueError/...; never let one escape
+        fixed = _retry_sequential_jpeg(ds, ts, warnings_)
+        if fixed is None:
+            first = str(exc).strip().splitlines()
+            detail = " ".join(s.strip() for s in first[:3])
+            raise DecodeError(source, f"cannot decode the {ts.name} pixel data: {detail}") from exc
+        arr = fixed
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _retry_sequential_jpeg(ds: Any, ts: Any, warnings_: list[str]) -> np.ndarray | None:
+    """Decode again with the SOS 'Se' byte set to 63 when a sequential JPEG says Se = 0."""
+    from pydicom.dataelem import DataElement
+    from pydicom.encaps import encapsulate, get_frame
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
+
+    if ts not in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        return None
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames") or 1))
+    except Exception:
+        return None
+    patched = patch_sequential_scan_end(bytes(frame))
+    if patched is None:
+        return None
+    tmp = _shallow(ds)
+    tmp[0x7FE00010] = DataElement(0x7FE00010, "OB", encapsulate([patched]))
+    tmp[0x00280008] = DataElement(0x00280008, "IS", 1)
+    try:
+        arr = pixel_array(tmp, index=0)
+    except Exception:
+        return None
+    warnings_.append("non-conformant JPEG scan header (Se = 0 in a sequential scan) read as Se = 63")
+    return arr
+
+
+def _colour_to_gray(arr: np.ndarray, ds: Any, photometric: str, source: str) -> tuple[np.ndarray, tuple[float, float]]:
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        arr = apply_color_lut(arr, ds)
+    elif arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise UnsupportedFormatError(source, f"DICOM photometric interpretation {photometric} is not supported")
+    if arr.dtype == np.uint8:
+        return luminance_u8(arr), (0.0, 255.0)
+    bits = int(ds.get("BitsStored") or 16) if photometric != "PALETTE COLOR" else 8 * arr.dtype.itemsize
+    hi = float(2 ** min(bits, 16) - 1)
+    return np.clip(np.rint(luminance_float(arr)), 0, hi).astype(np.uint16), (0.0, hi)
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    try:
+        vals = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    if len(vals) != 2 or not all(np.isfinite(v) and v > 0 for v in vals):
+        return None
+    return vals[0], vals[1]
+
+
+def _meta(ds: Any, view: Any, warnings_: list[str]) -> dict:
+    ts = _transfer_syntax(ds)
+    view_position = str(view.get("ViewPosition") or "").upper()
+    body_part = str(view.get("BodyPartExamined") or "").upper()
+    meta: dict = {
+        "sop_instance_uid": str(ds.get("SOPInstanceUID") or "") or None,
+        "sop_class_uid": str(ds.get("SOPClassUID") or "") or None,
+        "modality": str(ds.get("Modality") or "") or None,
+        "photometric_interpretation": str(ds.get("PhotometricInterpretation") or "") or None,
+        "presentation_lut_shape": str(view.get("PresentationLUTShape") or "") or None,
+        "view_position": view_position or None,
+        "body_part_examined": body_part or None,
+        "bits_stored": int(ds.get("BitsStored") or 0) or None,
+        "bits_allocated": int(ds.get("BitsAllocated") or 0) or None,
+        "pixel_representation": int(ds.get("PixelRepresentation") or 0),
+        "number_of_frames": int(ds.get("NumberOfFrames") or 1),
+        "transfer_syntax": str(ts) if ts else None,
+        "transfer_syntax_name": ts.name if ts else None,
+    }
+    if view_position in LATERAL_VIEWS:
+        warnings_.append(f"lateral view (ViewPosition {view_position}); the model expects frontal PA/AP images")
+    if body_part not in CHEST_BODY_PARTS:
+        warnings_.append(f"BodyPartExamined is {body_part}, not CHEST")
+    spacing, note = None, None
+    ps = _pair(view.get("PixelSpacing")) if "PixelSpacing" in view else None
+    if "PixelSpacing" in view and ps is None:
+        warnings_.append(f"PixelSpacing {list(view.PixelSpacing or [])} is not valid; ignored")
+    if ps is not None:
+        spacing, note = ps, "PixelSpacing"
+    else:
+        ips = _pair(view.get("ImagerPixelSpacing")) if "ImagerPixelSpacing" in view else None
+        if ips is not None:
+            emf = view.get("EstimatedRadiographicMagnificationFactor")
+            emf = float(emf) if emf not in (None, "") and float(emf) > 0 else None
+            if emf:
+                spacing = (ips[0] / emf, ips[1] / emf)
+                note = f"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor {emf:g}"
+            else:
+                spacing = ips
+                note = "ImagerPixelSpacing (at the detector, not corrected for magnification)"
+    meta["pixel_spacing_mm"] = spacing
+    meta["pixel_spacing_source"] = note
+    return meta

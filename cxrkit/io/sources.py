@@ -1,0 +1,231 @@
+"""Input items -> ``LoadedImage``: paths, bytes, numpy arrays and pydicom Datasets.
+
+Every failure is an ``InputError`` subclass naming the item; nothing else escapes ``load_item``.
+Size limits are checked before decoding: file bytes against ``limits.max_file_bytes``, and
+h * w from the JPEG/PNG/DICOM header against ``limits.max_pixels``.
+
+Arrays are not copied when already contiguous. Their value range: uint8 (0, 255), uint16
+(0, 65535), float32 (0, 1) when all values lie in [0, 1], else (min, max) with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from cxrkit.config import Limits
+from cxrkit.errors import DecodeError, ImageTooLargeError, InputError, UnsupportedFormatError
+from cxrkit.io.image import LoadedImage, luminance_u8
+from cxrkit.io.sniff import SNIFF_BYTES, jpeg_header, png_header, sniff
+
+__all__ = ["load_item", "iter_sources", "describe_item", "Item"]
+
+logger = logging.getLogger(__name__)
+
+Item = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
+
+
+def describe_item(item: Any, index: int) -> str:
+    """The ``source`` label: the path, or '<bytes 12345 B #3>', '<ndarray uint16 (h, w) #0>'..."""
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<bytes {memoryview(item).nbytes} B #{index}>"
+    if isinstance(item, np.ndarray):
+        return f"<ndarray {item.dtype} {tuple(item.shape)} #{index}>"
+    if _is_dataset(item):
+        from cxrkit.io.dicom import describe_dataset
+
+        return describe_dataset(item, index)
+    return f"<{type(item).__name__} #{index}>"
+
+
+def _is_dataset(item: Any) -> bool:
+    pydicom = sys.modules.get("pydicom")  # a Dataset exists only if pydicom is already imported
+    return pydicom is not None and isinstance(item, pydicom.Dataset)
+
+
+def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_index: int = 0) -> LoadedImage:
+    """Read one input item; JPEG/PNG stay encoded (header parsed), DICOM and arrays are decoded.
+
+    item: a path (str / os.PathLike), bytes-like file content, a numpy array (2-D uint8 / uint16 /
+    float32, or (h, w, 3|4) uint8 RGB(A)), or a pydicom Dataset. ``index`` is the item's position
+    in the caller's list. Raises only ``InputError`` subclasses.
+    """
+    source = describe_item(item, index)
+    try:
+        return _load(item, source, index, limits, voi_window_index)
+    except InputError:
+        raise
+    except MemoryError as exc:
+        raise ImageTooLargeError(source, "out of memory while reading the item") from exc
+    except Exception as exc:  # a safety net: a malformed item must not escape as a bare exception
+        logger.debug("unexpected error reading %s", source, exc_info=True)
+        raise DecodeError(source, f"unexpected {type(exc).__name__} while reading: {exc}") from exc
+
+
+def _load(item: Item, source: str, index: int, limits: Limits, voi_window_index: int) -> LoadedImage:
+    if isinstance(item, (str, os.PathLike)):
+        data = _read_file(Path(os.fspath(item)), source, limits)
+        return _load_bytes(data, source, index, limits, voi_window_index)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        _check_file_bytes(memoryview(item).nbytes, source, limits)  # before copying a large buffer
+        data = bytes(item)
+        return _load_bytes(data, source, index, limits, voi_window_index)
+    if isinstance(item, np.ndarray):
+        return _load_array(item, source, index, limits)
+    if _is_dataset(item):
+        from cxrkit.io.dicom import load_dicom
+
+        return load_dicom(item, source=source, index=index, limits=limits, voi_window_index=voi_window_index)
+    raise InputError(
+        source,
+        f"unsupported input type {type(item).__name__}; expected a path, bytes, a numpy array or a pydicom Dataset",
+    )
+
+
+def _read_file(path: Path, source: str, limits: Limits) -> bytes:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(source, "file not found") from None
+    except OSError as exc:
+        raise InputError(source, f"cannot access the file: {exc.strerror or exc}") from exc
+    if path.is_dir():
+        raise InputError(source, "is a directory, not an image file (use cxrkit.io.iter_sources to expand it)")
+    _check_file_bytes(st.st_size, source, limits)
+    try:
+        with open(path, "rb") as f:
+            return f.read(limits.max_file_bytes + 1)
+    except OSError as exc:
+        raise InputError(source, f"cannot read the file: {exc.strerror or exc}") from exc
+
+
+def _check_file_bytes(n_bytes: int, source: str, limits: Limits) -> None:
+    if n_bytes > limits.max_file_bytes:
+        raise ImageTooLargeError(source, f"{n_bytes} bytes exceeds limits.max_file_bytes = {limits.max_file_bytes}")
+
+
+def _check_pixels(hw: tuple[int, int], source: str, limits: Limits) -> None:
+    if hw[0] * hw[1] > limits.max_pixels:
+        raise ImageTooLargeError(
+            source, f"{hw[0]}x{hw[1]} = {hw[0] * hw[1]} pixels exceeds limits.max_pixels = {limits.max_pixels}"
+        )
+
+
+def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi_window_index: int) -> LoadedImage:
+    _check_file_bytes(len(data), source, limits)
+    fmt = sniff(data, source=source)
+    if fmt == "dicom":
+        from cxrkit.io.dicom import load_dicom, read_dataset
+
+        ds = read_dataset(data, source)
+        return load_dicom(ds, source=source, index=index, limits=limits, voi_window_index=voi_window_index)
+    hw, meta = (png_header if fmt == "png" else jpeg_header)(data, source=source)
+    _check_pixels(hw, source, limits)
+    hi = 255.0 if meta["bit_depth"] <= 8 else float(2 ** meta["bit_depth"] - 1)
+    return LoadedImage(
+        source=source,
+        index=index,
+        format=fmt,
+        image_size=hw,
+        encoded=data,
+        pixels=None,
+        value_range=(0.0, hi),
+        meta=meta,
+        warnings=[],
+    )
+
+
+def _load_array(arr: np.ndarray, source: str, index: int, limits: Limits) -> LoadedImage:
+    expected = "expected a (h, w) uint8/uint16/float32 array or an (h, w, 3|4) uint8 RGB(A) array"
+    if arr.size == 0:
+        raise InputError(source, f"empty array (shape {tuple(arr.shape)}); {expected}")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        if arr.dtype != np.uint8:
+            raise InputError(source, f"colour arrays must be uint8, got {arr.dtype}; {expected}")
+        _check_pixels(arr.shape[:2], source, limits)
+        pixels = luminance_u8(arr)
+        warnings_ = [f"RGB{'A' if arr.shape[-1] == 4 else ''} array converted to gray by luminance"]
+        return _array_image(source, index, pixels, (0.0, 255.0), warnings_)
+    if arr.ndim != 2:
+        raise InputError(source, f"array of shape {tuple(arr.shape)}; {expected}")
+    _check_pixels(arr.shape, source, limits)
+    kind, size = arr.dtype.kind, arr.dtype.itemsize
+    if kind == "u" and size in (1, 2):
+        pixels = np.ascontiguousarray(arr, dtype=np.uint8 if size == 1 else np.uint16)  # also fixes byte order
+        return _array_image(source, index, pixels, (0.0, 255.0 if size == 1 else 65535.0), [])
+    if kind == "f" and size == 4:
+        pixels = np.ascontiguousarray(arr, dtype=np.float32)
+        finite = np.isfinite(pixels)
+        if not finite.all():
+            bad = int(pixels.size - np.count_nonzero(finite))
+            raise InputError(source, f"float array has {bad} NaN/inf values")
+        lo, hi = float(pixels.min()), float(pixels.max())
+        if lo >= 0.0 and hi <= 1.0:
+            return _array_image(source, index, pixels, (0.0, 1.0), [])
+        w = [f"float32 values span [{lo:g}, {hi:g}], outside [0, 1]; normalized by the image min/max"]
+        return _array_image(source, index, pixels, (lo, hi if hi > lo else lo + 1.0), w)
+    hint = " (use arr.astype(np.float32))" if kind in "fi" else ""
+    raise InputError(source, f"unsupported array dtype {arr.dtype}{hint}; {expected}")
+
+
+def _array_image(source: str, index: int, pixels: np.ndarray, vrange: tuple[float, float], w: list[str]) -> LoadedImage:
+    return LoadedImage(
+        source=source,
+        index=index,
+        format="array",
+        image_size=(int(pixels.shape[0]), int(pixels.shape[1])),
+        encoded=None,
+        pixels=pixels,
+        value_range=vrange,
+        meta={},
+        warnings=w,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+PathArg = Union[str, "os.PathLike[str]"]
+
+
+def iter_sources(paths_or_dirs: Union[PathArg, Iterable[PathArg]]) -> Iterator[str]:
+    """Yield image file paths: files as given (in the given order), directories expanded
+    recursively to the files whose content sniffs as JPEG, PNG or DICOM, sorted by path.
+
+    Hidden files and directories (name starting with '.') inside a directory are skipped, and
+    symbolic links to directories are not followed. A path that does not exist is yielded as is,
+    so that ``load_item`` reports it.
+    """
+    if isinstance(paths_or_dirs, (str, os.PathLike)):
+        paths_or_dirs = [paths_or_dirs]
+    for p in paths_or_dirs:
+        path = Path(os.fspath(p))
+        if not path.is_dir():
+            yield os.fspath(p)
+            continue
+        found: list[str] = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found.extend(os.path.join(root, name) for name in files if not name.startswith("."))
+        for full in sorted(found):
+            if _is_image_file(full):
+                yield full
+
+
+def _is_image_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+        sniff(head)
+    except (OSError, UnsupportedFormatError, DecodeError) as exc:
+        logger.debug("skipping %s: %s", path, exc)
+        return False
+    return True
