@@ -61,4 +61,5 @@ def save_weights(net: "torch.nn.Module", path: "str | Path", metadata: "Mapping[
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(p), metadata=dict(metadata or {}))
+    p.chmod(0o644)  # safetensors creates files owner-only; a packaged model is world-readable
     return p
