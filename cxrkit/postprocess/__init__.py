@@ -1,0 +1,12 @@
+"""Post-processing: heatmap logits -> peaks, regions and boxes (:func:`detect`), and batched NMS.
+
+Each op has a numpy reference (``_reference``), a C++ kernel (``cxrkit._C``) and a CUDA kernel
+(``csrc/cuda``, compiled at run time by CuPy); ``impl="auto"`` picks by the array's device.
+"""
+
+from __future__ import annotations
+
+from .localize import Detections, detect, logit_thresholds
+from .nms import batched_nms
+
+__all__ = ["Detections", "detect", "batched_nms", "logit_thresholds"]
