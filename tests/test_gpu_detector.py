@@ -1,0 +1,103 @@
+"""The CUDA path equals the CPU path (issue: GPU path end to end).
+
+Tolerances (fp16 on the GPU vs fp32 on the CPU): the same positive findings, every box matched
+with IoU >= 0.99, image scores within 1e-2. fp32 CUDA vs CPU: scores within 1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cxrkit
+from probe_images import PROBE_LABELS, encode, random_squares, render
+
+pytestmark = pytest.mark.gpu
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 1.0
+
+
+def _same(p_cpu, p_gpu, score_tol: float) -> None:
+    assert p_cpu.error is None and p_gpu.error is None, (p_cpu.error, p_gpu.error)
+    for key, fc in p_cpu.findings.items():
+        fg = p_gpu.findings[key]
+        assert abs(fc.score - fg.score) <= score_tol, (key, fc.score, fg.score)
+        assert fc.positive == fg.positive, key
+        assert len(fc.boxes_xyxy) == len(fg.boxes_xyxy), (key, fc.boxes_xyxy, fg.boxes_xyxy)
+        for a, b in zip(fc.boxes_xyxy, fg.boxes_xyxy):
+            assert _iou(a, b) >= 0.99, (key, a, b)
+
+
+def _probe_inputs(n: int = 6) -> list:
+    rng = np.random.default_rng(5)
+    fmts = ["jpeg", "png8", "png16", "u8", "u16", "dicom"]
+    out = []
+    for i in range(n):
+        h, w = [(300, 500), (640, 360), (256, 256), (900, 700)][i % 4]
+        s = min(256 / h, 256 / w)
+        out.append(encode(render(h, w, random_squares(rng, h, w, 3, int(np.ceil(40 / s)))), fmts[i % len(fmts)]))
+    return out
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("fp16", 1e-2)])
+@pytest.mark.parametrize("preprocess", ["numpy", "dali"])
+def test_probe_cuda_equals_cpu(precision, tol, preprocess):
+    if preprocess == "dali":
+        pytest.importorskip("nvidia.dali")
+    imgs = _probe_inputs()
+    with cxrkit.Detector.from_pretrained("cxr-probe", device="cpu") as dc, \
+            cxrkit.Detector.from_pretrained("cxr-probe", device="cuda", backend="torch", precision=precision,
+                                            preprocess=preprocess) as dg:
+        pc, pg = dc.predict(imgs), dg.predict(imgs)
+    for a, b in zip(pc, pg):
+        _same(a, b, tol)
+        assert sum(f.positive for f in b.findings.values()) == 3
+
+
+def test_default_model_cuda_fp16_equals_cpu(shared_data):
+    if "cxr29-demo" not in cxrkit.list_models():
+        pytest.skip("cxr29-demo is not bundled yet")
+    files = sorted((shared_data / "lungbox" / "images").glob("*.jp*g"))[:8]
+    with cxrkit.Detector.from_pretrained("cxr29-demo", device="cpu") as dc, \
+            cxrkit.Detector.from_pretrained("cxr29-demo", device="cuda", precision="fp16") as dg:
+        pc, pg = dc.predict(files), dg.predict(files)
+    for a, b in zip(pc, pg):
+        _same(a, b, 1e-2)
+
+
+def test_cuda_graph_buckets_equal_eager():
+    import torch
+
+    from cxrkit.backends import create_runner
+    from cxrkit.models import load_model_package
+
+    m = load_model_package("cxr-probe")
+    x = torch.randn(5, 1, 256, 256, device="cuda")
+    with create_runner(m, "torch", "cuda", "fp32", max_batch=8) as rg, \
+            create_runner(m, "torch", "cuda", "fp32", cuda_graphs=False) as re:
+        for n in (1, 3, 5):
+            a, b = rg.infer(x[:n]), re.infer(x[:n])
+            torch.testing.assert_close(a["logits"], b["logits"])
+            torch.testing.assert_close(a["heatmaps"], b["heatmaps"])
+            assert a["heatmaps"].is_cuda and a["heatmaps"].shape[0] == n
+
+
+def test_densenet_fp16_close_to_fp32_on_cuda():
+    import torch
+
+    from cxrkit.nets import create_net
+
+    torch.manual_seed(0)
+    net = create_net("densenet121").cuda().eval()
+    x = torch.randn(4, 1, 512, 512, device="cuda")
+    with torch.inference_mode():
+        l32, h32 = net(x)
+        l16, h16 = net.half().to(memory_format=torch.channels_last)(x.half().contiguous(memory_format=torch.channels_last))
+    rel = (h16.float() - h32).norm() / h32.norm()
+    assert rel < 1e-2, float(rel)
