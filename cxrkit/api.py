@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import Device, Limits, LocalizeConfig, Precision
 from .errors import CxrkitError, DecodeError, InputError, OutOfMemoryError
+from .io.sources import describe_item
 from .models import ModelPackage, load_model_package
 from .results import Finding, Prediction
 
@@ -46,16 +47,6 @@ def _to_numpy(a: Any) -> np.ndarray:
     if hasattr(a, "get"):  # cupy
         return a.get()
     return np.asarray(a)
-
-
-def _describe(item: Any, index: int) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return os.fspath(item)
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return f"<bytes {len(item)} B #{index}>"
-    if isinstance(item, np.ndarray):
-        return f"<ndarray {item.dtype} {tuple(item.shape)} #{index}>"
-    return f"<{type(item).__name__} #{index}>"
 
 
 class Detector:
@@ -191,7 +182,7 @@ class Detector:
             return None, e, (time.perf_counter() - t0) * 1e3
         except Exception as e:  # a decoder bug must never take the batch down
             log.exception("unexpected error reading input #%d", index)
-            return None, DecodeError(_describe(item, index), f"unexpected {type(e).__name__}: {e}"), 0.0
+            return None, DecodeError(describe_item(item, index), f"unexpected {type(e).__name__}: {e}"), 0.0
         return img, None, (time.perf_counter() - t0) * 1e3
 
     def _prepare(self, chunk: Sequence[tuple[int, Any]]) -> "_Prepared":
@@ -232,7 +223,7 @@ class Detector:
         for pos, (index, item) in enumerate(prep.chunk):
             img = prep.loaded[pos]
             err = prep.errors.get(pos)
-            source = img.source if img is not None else getattr(err, "source", None) or _describe(item, index)
+            source = img.source if img is not None else getattr(err, "source", None) or describe_item(item, index)
             timings = {"load": prep.load_ms[pos]}
             if err is not None:
                 out.append(Prediction(source=source, index=index, error=err, timings_ms=timings,
