@@ -204,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: beside the model)")
     p.add_argument("--calib", nargs="*", default=[], help="calibration images or folders")
     p.add_argument("--method", default="percentile", choices=["percentile", "entropy", "minmax"])
+    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    p.add_argument("--holdout", nargs="*", default=[], help="held-out images for the accuracy guard "
+                   "(default: every 4th calibration image)")
+    p.add_argument("--labels", help="(N_holdout, K) 0/1 .npy: guard on per-finding AUROC instead of agreement")
+    p.add_argument("--keep-fp32", nargs="*", default=[], help="node names, globs, op types, :first, :last")
+    p.add_argument("--auto-keep-fp32", type=int, default=0, metavar="N",
+                   help="if int8 fails the guard, leave up to N most sensitive layers in fp32")
+    p.add_argument("--precisions", default="fp16,int8")
+    p.add_argument("--weight-bits", type=int, default=7, choices=[7, 8],
+                   help="7 (default) avoids int16 saturation in ONNX Runtime on x86 CPUs without VNNI")
     p.add_argument("--allow-accuracy-drop", action="store_true")
     p.set_defaults(fn=cmd_quantize)
 
@@ -212,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--rebuild", action="store_true", help="build even if a valid cached engine exists")
+    p.add_argument("--cache-dir", help="engine cache folder (default: $CXRKIT_CACHE_DIR/engines or ~/.cache/cxrkit/engines)")
+    p.add_argument("--workspace-gib", type=float, default=0.0, help="builder workspace limit (0: TensorRT's default)")
     p.set_defaults(fn=cmd_build_engine)
     return ap
 

@@ -1,0 +1,165 @@
+"""ONNX Runtime int8 (Q/DQ) vs fp32 images/s on the CPU, same run, with the accuracy guard.
+
+    python benchmarks/bench_int8_cpu.py [--size 256] [--batch 8] [--threads N] [--repeat 5]
+    pytest benchmarks/bench_int8_cpu.py --benchmark-enable
+
+Models: the default model (``cxr29-demo`` when bundled, else the compact ``cxrnet`` with 29
+findings) and the DenseNet-121-class ``densenet121`` net, both at ``--size``² (default 256²).
+Random-init nets are fine for speed; the guard runs on synthetic inputs (decision agreement).
+
+Floor to chase: int8 GEMMs move a quarter of fp32's weight bytes and, with VNNI, do 4x the MACs
+per instruction; on AVX2 without VNNI (u8 x s8 -> s16 pairs) about 2x. The printed ratio is
+int8 images/s over fp32 images/s measured interleaved (best of ``--repeat`` per precision);
+target >= 1.7x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _isa() -> str:
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "?"
+    return ",".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
+
+
+def prepare(arch: str, size: int, workdir: Path, calib_n: int = 16):
+    """Export ``arch`` (or use the bundled cxr29-demo), write fp32 + int8 graphs; returns (fp32, int8, report)."""
+    from cxrkit.models import list_models, load_model_package
+    from cxrkit.quant import compare, quantize_int8
+    from cxrkit.quant.guard import run_graph
+
+    if arch == "default" and "cxr29-demo" in list_models():
+        pkg = load_model_package("cxr29-demo")
+        fp32 = pkg.verified("onnx")
+        H, W = pkg.card.input_hw
+        name = "cxr29-demo"
+    else:
+        import json
+
+        from cxrkit.labels import FINDINGS
+        from cxrkit.models import sha256_file
+        from cxrkit.nets import create_net, export_onnx
+
+        name = "cxrnet" if arch == "default" else arch
+        net = create_net(name, num_classes=29)
+        root = workdir / name
+        root.mkdir(parents=True, exist_ok=True)
+        fp32 = export_onnx(net, root / "model.onnx", (size, size))
+        labels = list(FINDINGS)[:29]
+        card = {"schema_version": 1, "name": name, "version": "bench", "labels": labels, "input_size": [size, size],
+                "normalization": {"mean": 0.5, "std": 0.25}, "heatmap_stride": int(net.heatmap_stride),
+                "thresholds": {k: 0.5 for k in labels}, "files": {"onnx": "model.onnx"},
+                "sha256": {"model.onnx": sha256_file(fp32)}}
+        (root / "card.json").write_text(json.dumps(card))
+        pkg = load_model_package(root)
+        H, W = size, size
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(0, 1, (calib_n + 8, 1, H, W)).astype(np.float32) - 0.5) / 0.25
+    g8, plan, _ = quantize_int8(fp32, x[:calib_n])
+    int8 = Path(workdir) / f"{name}.int8.onnx"
+    import onnx
+
+    onnx.save(g8, int8)
+    rep = compare(pkg, run_graph(fp32, x[calib_n:]), run_graph(int8, x[calib_n:]), "int8")
+    return name, (H, W), fp32, int8, rep
+
+
+def images_per_s(sess, x: np.ndarray, repeat: int) -> float:
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: x})  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        best = min(best, time.perf_counter() - t)
+    return len(x) / best
+
+
+def measure(fp32: Path, int8: Path, hw, batch: int, threads: int, repeat: int) -> tuple[float, float]:
+    from cxrkit.quant.calibrate import ort_session
+
+    s32, s8 = ort_session(fp32, threads), ort_session(int8, threads)
+    x = np.random.default_rng(1).standard_normal((batch, 1, *hw)).astype(np.float32)
+    f, i = 0.0, 0.0
+    for _ in range(2):  # interleave so background load hits both alike
+        f = max(f, images_per_s(s32, x, repeat))
+        i = max(i, images_per_s(s8, x, repeat))
+    return f, i
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--models", default="default,densenet121")
+    a = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    print(f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores, {_isa()}), onnxruntime {ort.__version__}, "
+          f"{a.threads} threads, batch {a.batch}, {a.size}x{a.size}")
+    with tempfile.TemporaryDirectory() as d:
+        for arch in a.models.split(","):
+            name, hw, fp32, int8, rep = prepare(arch, a.size, Path(d))
+            f, i = measure(fp32, int8, hw, a.batch, a.threads, a.repeat)
+            print(f"{name:12s} {hw[0]}x{hw[1]}  fp32 {f:8.1f} img/s  int8 {i:8.1f} img/s  ratio {i / f:5.2f}x "
+                  f"(target 1.70x)  guard {'passed' if rep.passed else 'FAILED'} "
+                  f"(max |score diff| {rep.max_abs_score_diff:.3g})")
+    return 0
+
+
+# -- pytest-benchmark ---------------------------------------------------------------------------------
+
+def _bench(benchmark, arch: str, precision: str, tmp_path) -> None:
+    from cxrkit.quant.calibrate import ort_session
+
+    name, hw, fp32, int8, rep = prepare(arch, 256, tmp_path)
+    sess = ort_session(fp32 if precision == "fp32" else int8)
+    x = np.random.default_rng(1).standard_normal((8, 1, *hw)).astype(np.float32)
+    benchmark.extra_info.update(model=name, precision=precision, guard_passed=rep.passed, images=8)
+    benchmark(sess.run, None, {sess.get_inputs()[0].name: x})
+
+
+def test_bench_default_fp32(benchmark, tmp_path):
+    _bench(benchmark, "default", "fp32", tmp_path)
+
+
+def test_bench_default_int8(benchmark, tmp_path):
+    _bench(benchmark, "default", "int8", tmp_path)
+
+
+def test_bench_densenet_fp32(benchmark, tmp_path):
+    _bench(benchmark, "densenet121", "fp32", tmp_path)
+
+
+def test_bench_densenet_int8(benchmark, tmp_path):
+    _bench(benchmark, "densenet121", "int8", tmp_path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
