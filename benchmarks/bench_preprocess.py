@@ -1,12 +1,19 @@
-"""Preprocessing throughput: DALI CPU pipeline vs a naive baseline, measured in the same run.
+"""Preprocessing throughput: cxrkit's CPU paths vs a naive baseline, measured in the same run.
 
 Workload: 2048^2 radiograph-like images (smooth random field + noise: never zeros), as 8-bit JPEG
 (q90) and as 16-bit PNG, preprocessed to a 512^2 letterboxed, normalised model input.
-  - baseline: Pillow decode + the numpy reference (cxrkit.preprocess.reference), one at a time;
-  - cxrkit: Preprocessor(backend="dali", device="cpu"), batches of 8, num_threads = all cores;
+  - baseline: Pillow decode + the numpy reference (cxrkit.preprocess.reference), one at a time,
+    numpy's BLAS held to one thread (its best case: with the default BLAS threads the matmuls
+    busy-wait, 4-10x the CPU time on a loaded box; set BENCH_BLAS_MT=1 to print that row too);
+  - cxrkit: Preprocessor(device="cpu"), batches of 8, num_threads = all cores, backend "dali"
+    and "numpy" (the reference, one image per thread);
+  - the same with jpeg_dct_scaling=True (JPEG only): libjpeg 1/k decode, then the same resize
+    (not the reference function; see tests/test_preprocess.py for its tolerance);
   - floor: Pillow decode alone, one image at a time, scaled to all cores (decode is the ceiling
     on a CPU: no pipeline can beat its own decoder).
-Prints images/s, the ratio cxrkit / baseline and the floor. Run it (not part of the test suite):
+Prints images/s (median wall time) and CPU ms per image (process time, all threads: the better
+measure on a shared, loaded box, where the threaded paths do not get all cores), the ratios to
+the baseline and the floor. Run it (not part of the test suite):
     python -m pytest benchmarks/bench_preprocess.py --benchmark-enable -s -q
 """
 
@@ -22,6 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxrkit.preprocess._blas import blas_single_thread
 from cxrkit.preprocess.reference import preprocess_reference
 
 SIZE = 2048
@@ -63,14 +71,16 @@ def _pillow_decode(item) -> np.ndarray:
     return np.asarray(im) if im.mode.startswith("I") else np.asarray(im.convert("L"))  # (h, w)
 
 
-def _median_s(fn: Callable[[], object]) -> float:
+def _median_s(fn: Callable[[], object]) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this process) per call."""
     fn()  # warm-up (pipeline build, caches)
-    times = []
+    times, cpu = [], []
     for _ in range(ROUNDS):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu)
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "png16"])
@@ -91,23 +101,38 @@ def test_bench_preprocess(benchmark, fmt):
         for it in items:
             _pillow_decode(it)
 
-    pre = Preprocessor(INPUT_HW, MEAN, STD, backend="dali", batch_size=8, num_threads=cores)
+    def make(backend: str, dct: bool = False) -> Preprocessor:
+        return Preprocessor(INPUT_HW, MEAN, STD, backend=backend, batch_size=8, num_threads=cores,
+                            jpeg_dct_scaling=dct)
 
-    def cxrkit_run() -> None:
-        res = pre.run(items)
-        assert not res.errors and res.batch.shape == (n, 1, *INPUT_HW)
+    pres = {"DALI cpu": make("dali"), "numpy reference, threads": make("numpy")}
+    if fmt == "jpeg":
+        pres["DALI cpu + jpeg_dct_scaling"] = make("dali", True)
+        pres["numpy + jpeg_dct_scaling"] = make("numpy", True)
 
-    t_base, t_dec, t_cx = _median_s(baseline), _median_s(decode_only), _median_s(cxrkit_run)
-    benchmark.extra_info.update(baseline_img_s=n / t_base, cxrkit_img_s=n / t_cx)
-    benchmark.pedantic(cxrkit_run, rounds=ROUNDS, warmup_rounds=0)
-    pre.close()
+    def runner(p):
+        def run() -> None:
+            res = p.run(items)
+            assert not res.errors and res.batch.shape == (n, 1, *INPUT_HW)
+        return run
+
+    with blas_single_thread():  # the baseline at its best: multi-threaded BLAS spins (see _blas.py)
+        (t_base, c_base), (t_dec, c_dec) = _median_s(baseline), _median_s(decode_only)
+    (t_base_mt, c_base_mt) = _median_s(baseline) if os.environ.get("BENCH_BLAS_MT") else (0.0, 0.0)
+    rows = [(name, *_median_s(runner(p))) for name, p in pres.items()]
+    benchmark.extra_info.update(baseline_img_s=n / t_base, cxrkit_img_s=n / rows[0][1])
+    benchmark.pedantic(runner(pres["DALI cpu"]), rounds=1, warmup_rounds=0)
+    for p in pres.values():
+        p.close()
 
     floor = n / t_dec * cores
-    print(
-        f"\n[{fmt}] {n} x {SIZE}^2 ({mb:.2f} MB/file) -> {INPUT_HW}, {cores} cores\n"
-        f"  baseline (Pillow + numpy reference, 1 at a time): {n / t_base:7.1f} img/s\n"
-        f"  cxrkit DALI cpu, batch 8, {cores} threads:           {n / t_cx:7.1f} img/s"
-        f"   ratio {t_base / t_cx:.2f}x\n"
-        f"  floor: Pillow decode alone {n / t_dec:.1f} img/s/core x {cores} cores = {floor:.1f} img/s"
-        f" (cxrkit at {100 * (n / t_cx) / floor:.0f}% of it)"
-    )
+    lines = [f"\n[{fmt}] {n} x {SIZE}^2 ({mb:.2f} MB/file) -> {INPUT_HW}, {cores} cores, {cores} threads, batch 8",
+             f"  {'':34} {'img/s':>7} {'CPU ms/img':>11} {'ratio (wall)':>13} {'ratio (CPU)':>12}",
+             f"  {'baseline: Pillow + numpy ref, 1x1':34} {n / t_base:7.1f} {c_base / n * 1e3:11.1f}"]
+    if t_base_mt:
+        lines.append(f"  {'  (same, default BLAS threads)':34} {n / t_base_mt:7.1f} {c_base_mt / n * 1e3:11.1f}")
+    for name, t, c in rows:
+        lines.append(f"  {'cxrkit ' + name:34} {n / t:7.1f} {c / n * 1e3:11.1f} {t_base / t:12.2f}x {c_base / c:11.2f}x")
+    lines.append(f"  floor: Pillow decode alone {n / t_dec:.1f} img/s/core ({c_dec / n * 1e3:.1f} CPU ms/img)"
+                 f" x {cores} cores = {floor:.1f} img/s")
+    print("\n".join(lines))

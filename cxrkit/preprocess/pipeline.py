@@ -6,7 +6,14 @@ One DALI ``@pipeline_def`` graph, built in two variants by ``encoded``:
   GPU, ``"cpu"`` here). ``dtype`` is UINT8 for JPEG and 8-bit PNG and UINT16 for 16-bit PNG: the
   decoder's default UINT8 would rescale a 16-bit PNG to 8 bits (it converts to the dynamic range
   of the requested type, 33375 -> 130), so 16-bit PNGs get their own UINT16 variant.
-- raw: (h, w) arrays that cxrkit.io decoded (DICOM pixels, PNGs DALI cannot decode, ...).
+  JPEG 2000 frames of DICOMs whose gray mapping is linear (see dicom_j2k.py) take the UINT16
+  variant with a per-sample float clamp in stored units (``dali.math.clamp``) before the resize; on
+  device="cuda" that is nvJPEG2000, on "cpu" they use io's decoded pixels unless
+  ``dicom_j2k="dali"``.
+- raw: (h, w) arrays that cxrkit.io decoded (DICOM pixels, PNGs DALI cannot decode, ...), and
+  JPEGs decoded by Pillow with DCT-domain downscaling (``jpeg_dct_scaling=True``, CPU only: see
+  :func:`dct_scale`); the resize reads the region [0, h/k) x [0, w/k) of such a k-scaled decode
+  (``roi_end``), the part that is image.
 
 Both then run ``fn.resize`` (antialiased linear, to the per-sample (nh, nw) that
 :func:`letterbox_geometry` decided in Python, float32 output) and ``fn.crop_mirror_normalize``,
@@ -14,15 +21,25 @@ which in one pass applies the per-sample value range and the model normalisation
 map, pads to (H, W) at the letterbox offset with the normalised padding value, and writes CHW.
 The value range is applied after the resize (see reference.py: resizing is linear, weights sum to
 1), so the full-resolution image is never converted to float. The numpy path
-(:func:`preprocess_reference`) computes the same function and is the fallback without DALI.
+(:func:`preprocess_reference`) computes the same function and is the fallback without DALI;
+it runs one image per thread (``num_threads``) with numpy's BLAS held to one thread (_blas.py).
+
+CPU cost per 2048^2 image -> 512^2, measured with benchmarks/bench_preprocess.py (CPU ms per
+image, a loaded 2-core box): JPEG q90 - Pillow decode alone 14.4, DALI 31.0, numpy path 26.4,
+with jpeg_dct_scaling 16.5 (DALI) / 14.1 (numpy); 16-bit PNG - Pillow decode alone 55.9,
+DALI 69.0, numpy 69.8. Decoding dominates: the exact function cannot cost much less than the
+decoder, so on CPU the gain over a one-image-at-a-time loop is the cores, plus DCT scaling for
+JPEG if its tolerance is acceptable.
 """
 
 from __future__ import annotations
 
 import functools
+import io as _io
 import logging
-import struct
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
@@ -30,6 +47,8 @@ import numpy as np
 
 from cxrkit.config import Device, device_index
 from cxrkit.errors import BackendUnavailableError, DecodeError, InputError
+from cxrkit.preprocess._blas import blas_single_thread
+from cxrkit.preprocess.dicom_j2k import is_encoded_j2k
 from cxrkit.preprocess.letterbox import LetterboxTransform, letterbox_geometry
 from cxrkit.preprocess.reference import (
     check_value_range,
@@ -38,12 +57,17 @@ from cxrkit.preprocess.reference import (
     preprocess_reference,
 )
 
-__all__ = ["Preprocessor", "PreprocessResult", "dali_available"]
+__all__ = ["Preprocessor", "PreprocessResult", "dali_available", "dct_scale"]
 
 _log = logging.getLogger(__name__)
 
 DALI_INSTALL_HINT = "pip install nvidia-dali-cuda130  (or: pip install 'cxrkit[dali]')"
-HW_DECODER_LOAD = 0.75  # share of JPEGs sent to the NVJPG engines on device="mixed"; tune on the GPU
+# Share of JPEGs sent to the NVJPG hardware engines on device="mixed". The rest is decoded by the
+# hybrid CUDA decoder whose Huffman stage runs on the pipeline's CPU threads (~8-10 ms per 2048^2
+# JPEG per thread). For chest X-rays (few large JPEGs) the engines are the faster path (~3,000
+# 2048^2 img/s on H100), so most of the load goes there; sweep 0.75-1.0 on the target GPU.
+HW_DECODER_LOAD = 0.9
+MAX_DCT_SCALE = 8  # libjpeg scales by 1/2, 1/4, 1/8
 _RAW_DTYPES = (np.uint8, np.uint16, np.float32)  # raw dtypes fed as is; others go as float32
 _warned_no_dali = False
 
@@ -75,31 +99,43 @@ def _graph() -> Any:
             f"NVIDIA DALI is not installed ({e}); install it with: {DALI_INSTALL_HINT}"
         ) from None
 
+    import nvidia.dali.math as dmath
+
     @pipeline_def
     def cxr_preprocess(
-        encoded: bool, device: str, dtype_name: str, input_hw: tuple[int, int], fill: float
+        encoded: bool, device: str, dtype_name: str, clip: bool, input_hw: tuple[int, int],
+        fill: float, hw_decoder_load: float,
     ):
         decoder_device = "cpu" if device == "cpu" else "mixed"
         dtype = {"uint8": types.UINT8, "uint16": types.UINT16, "float32": types.FLOAT}[dtype_name]
+        roi = {}
         if encoded:
             data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)  # file bytes
-            hw = {} if decoder_device == "cpu" else {"hw_decoder_load": HW_DECODER_LOAD}
+            hw = {} if decoder_device == "cpu" else {"hw_decoder_load": hw_decoder_load}
             img = fn.decoders.image(
                 data, device=decoder_device, output_type=types.GRAY, dtype=dtype,
                 adjust_orientation=False, **hw,
             )  # (h, w, 1)
             shape = fn.peek_image_shape(data, adjust_orientation=False)  # (3,) h, w, c from header
+            if clip:  # saturate to the value range (stored units) before the resize, as the
+                # reference; float bounds (a window edge may fall between two stored values)
+                lo_c = fn.external_source(name="clip_lo", dtype=types.FLOAT, ndim=0)
+                hi_c = fn.external_source(name="clip_hi", dtype=types.FLOAT, ndim=0)
+                img = dmath.clamp(img, lo_c, hi_c)  # (h, w, 1) float32
         else:
             img = fn.external_source(name="data", dtype=dtype, ndim=3, layout="HWC")  # (h, w, 1)
             if device != "cpu":
                 img = img.gpu()
+            # the image part of the input: (h, w), or (h/k, w/k) of a JPEG decoded at scale 1/k
+            roi = dict(roi_start=[0.0, 0.0], roi_relative=False,
+                       roi_end=fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1))
         size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)  # (2,) nh, nw
         shift = fn.external_source(name="shift", dtype=types.FLOAT, ndim=0)  # lo + mean * (hi - lo)
         scale = fn.external_source(name="scale", dtype=types.FLOAT, ndim=0)  # (hi - lo) * std
         pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)  # top / (H - nh)
         pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)  # left / (W - nw)
         resized = fn.resize(
-            img, size=size, dtype=types.FLOAT, interp_type=types.INTERP_LINEAR, antialias=True
+            img, size=size, dtype=types.FLOAT, interp_type=types.INTERP_LINEAR, antialias=True, **roi
         )  # (nh, nw, 1) float, source units
         # crop (H, W) >= (nh, nw): the crop anchor round(pos * (nh - H)) is exactly -top (-left),
         # the rest is padded with `fill`, written after normalisation; (x - shift) / scale is
@@ -136,10 +172,54 @@ def _encoded_dtype(img: Any) -> str | None:
     return "uint8" if bits == 8 else "uint16"
 
 
+def dct_scale(src_hw: tuple[int, int], resized_hw: tuple[int, int]) -> int:
+    """The JPEG DCT-domain scale k (decode at 1/k) for a letterbox resize src_hw -> resized_hw:
+    the largest power of two <= the smaller downscale factor, at most 8; 1 below a factor of 2.
+    The antialiased triangle resize then does the rest (factor / k, in [1, 2) unless capped)."""
+    factor = min(src_hw[0] / resized_hw[0], src_hw[1] / resized_hw[1])
+    k = 1
+    while k * 2 <= min(factor, MAX_DCT_SCALE):
+        k *= 2
+    return k
+
+
+def _dct_candidate(img: Any) -> bool:
+    """An 8-bit JPEG still encoded, that libjpeg (Pillow) decodes and whose range is (0, 255)."""
+    if img.format != "jpeg" or img.pixels is not None or img.encoded is None or not img.dali_decodable:
+        return False
+    return tuple(float(v) for v in img.value_range) == (0.0, 255.0)
+
+
+def _decode_dct(img: Any, k: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """(ceil(h/k), ceil(w/k)) uint8 gray decoded by libjpeg at scale 1/k, and the image extent
+    (h/k, w/k) in those pixels. Gray comes from libjpeg's Y (colour JPEGs: <= 1 LSB from Pillow's
+    RGB -> L). Raises DecodeError for corrupt data."""
+    from PIL import Image
+
+    h, w = img.image_size
+    try:
+        with Image.open(_io.BytesIO(img.encoded), formats=["JPEG"]) as im:
+            im.draft("L", (w // k, h // k))  # libjpeg picks the largest 1/k with size >= request
+            if im.mode != "L":
+                im = im.convert("L")
+            else:
+                im.load()
+            arr = np.asarray(im)
+    except Exception as e:  # Pillow raises OSError / SyntaxError / ValueError on bad data
+        raise DecodeError(img.source, f"corrupt or truncated JPEG: {e}") from e
+    if arr.shape != (math.ceil(h / k), math.ceil(w / k)):
+        raise DecodeError(img.source, f"JPEG decoded at 1/{k} to {arr.shape}, expected "
+                          f"{(math.ceil(h / k), math.ceil(w / k))} from the header size {(h, w)}")
+    return np.ascontiguousarray(arr), (h / k, w / k)
+
+
 def _raw_pixels(img: Any) -> tuple[np.ndarray, tuple[float, float]]:
     """(h, w) pixels of `img` and their value range, decoding its bytes with Pillow (cxrkit.io)
     if needed (decoding may change the value range, e.g. a 16-bit colour PNG read at 8 bits)."""
     if img.pixels is None:
+        if img.format == "dicom":
+            raise DecodeError(img.source, "DICOM item without decoded pixels: its encoded frame "
+                              "can only be decoded by the DALI pipeline")
         from cxrkit.io import decode_pixels
 
         img = decode_pixels(img)
@@ -156,16 +236,38 @@ def _dali_reason(exc: BaseException) -> str:
     return reason.strip()[:300] or type(exc).__name__
 
 
+_Key = tuple[bool, str, bool]  # pipeline variant: (encoded, dtype name, clip)
+
+
 class _Job(NamedTuple):  # one item on its way through a DALI pipeline variant
     pos: int
     source: str
     format: str
-    data: np.ndarray  # (n_bytes,) uint8 file bytes, or (h, w, 1) pixels
+    data: np.ndarray  # (n_bytes,) uint8 file bytes, or (h', w', 1) pixels
     value_range: tuple[float, float]
+    extent: tuple[float, float]  # raw: the image part [0, eh) x [0, ew) of `data`
+    clip: tuple[float, float] | None = None  # encoded + clip: (min, max) of the value range
 
 
 class Preprocessor:
-    """Runs preprocessing for batches of LoadedImage; one instance per device, not thread-safe."""
+    """Runs preprocessing for batches of LoadedImage; one instance per device, not thread-safe.
+
+    Options beyond the model's geometry and normalisation:
+      device: "cpu" or "cuda[:i]"; on CUDA, ``run`` returns a (N, 1, H, W) float32 CUDA tensor,
+        complete (its stream synchronised) when ``run`` returns.
+      backend: "auto" (DALI if installed, else numpy), "dali" or "numpy" (the reference itself).
+      batch_size: images per DALI run; num_threads: DALI CPU threads (decode, resize on "cpu";
+        Huffman decoding of the JPEGs not sent to the hardware decoder, JPEG 2000 tier-2 on CUDA),
+        and Pillow decode threads for ``jpeg_dct_scaling``.
+      hw_decoder_load: share of JPEGs sent to the NVJPG engines (CUDA; see HW_DECODER_LOAD).
+      jpeg_dct_scaling: on device="cpu", decode 8-bit JPEGs whose letterbox downscale is >= 2 at
+        1/k scale in the DCT domain (libjpeg, k = dct_scale()), then resize the rest with the same
+        filter. Faster; NOT the reference function: differences are largest at sharp edges (text,
+        borders; see tests/test_preprocess.py for the measured tolerance). Default False.
+      dicom_j2k: "auto": on CUDA, JPEG 2000 DICOM frames with a linear mapping are decoded by
+        nvJPEG2000 (see dicom_j2k.py); on CPU io's decoded pixels are used. "dali": the DALI
+        decoder on every device (CPU: OpenJPEG). "pixels": always io's decoded pixels.
+    """
 
     def __init__(
         self,
@@ -178,6 +280,9 @@ class Preprocessor:
         batch_size: int = 8,
         num_threads: int = 2,
         device_id: int | None = None,
+        hw_decoder_load: float = HW_DECODER_LOAD,
+        jpeg_dct_scaling: bool = False,
+        dicom_j2k: str = "auto",
     ) -> None:
         global _warned_no_dali
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
@@ -186,9 +291,16 @@ class Preprocessor:
             raise ValueError(f"std must be > 0, got {std}")
         if batch_size < 1 or num_threads < 1:
             raise ValueError(f"batch_size and num_threads must be >= 1, got {batch_size}, {num_threads}")
+        if not 0.0 <= float(hw_decoder_load) <= 1.0:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+        if dicom_j2k not in ("auto", "dali", "pixels"):
+            raise ValueError(f"dicom_j2k must be 'auto', 'dali' or 'pixels', got {dicom_j2k!r}")
         self.device = Device.parse(device)
         self.device_id = device_id if device_id is not None else max(0, device_index(str(device)))
         self.batch_size, self.num_threads = int(batch_size), int(num_threads)
+        self.hw_decoder_load = float(hw_decoder_load)
+        self.jpeg_dct_scaling = bool(jpeg_dct_scaling)
+        self.dicom_j2k = dicom_j2k
         if backend not in ("auto", "dali", "numpy"):
             raise ValueError(f"backend must be 'auto', 'dali' or 'numpy', got {backend!r}")
         if backend == "auto":
@@ -196,19 +308,21 @@ class Preprocessor:
             if backend == "numpy" and not _warned_no_dali:
                 _warned_no_dali = True
                 _log.warning(
-                    "NVIDIA DALI is not installed: preprocessing uses the slower numpy path. "
-                    "Install it with: %s", DALI_INSTALL_HINT,
+                    "NVIDIA DALI is not installed: preprocessing uses the numpy path (on CPU "
+                    "about as fast; on a GPU it decodes and resizes on the CPU). Install it "
+                    "with: %s", DALI_INSTALL_HINT,
                 )
         elif backend == "dali":
             _graph()  # raises BackendUnavailableError with the pip command
         self.backend = backend
         self._fill = pad_value(self.mean, self.std)
-        self._pipes: dict[tuple[bool, str], Any] = {}
+        self._pipes: dict[_Key, Any] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- public -------------------------------------------------------------------------------
     def run(self, images: Sequence[Any]) -> PreprocessResult:
         t0 = time.perf_counter()
-        outputs: dict[int, np.ndarray] = {}  # position -> (1, H, W)
+        outputs: dict[int, Any] = {}  # position -> (1, H, W)
         transforms: dict[int, LetterboxTransform] = {}
         errors: dict[int, InputError] = {}
         timings = {"prepare": 0.0, "pipeline": 0.0}
@@ -224,23 +338,33 @@ class Preprocessor:
     def _assemble(self, rows: list[Any]) -> Any:
         H, W = self.input_hw
         on_gpu = self.device == Device.CUDA
-        if on_gpu and self.backend == "dali":
+        if on_gpu:
             import torch
 
-            if rows:
-                return torch.stack(rows)  # (N_ok, 1, H, W) CUDA
-            return torch.empty((0, 1, H, W), dtype=torch.float32, device=f"cuda:{self.device_id}")
+            dev = torch.device("cuda", self.device_id)
+            if self.backend == "dali":  # rows: (1, H, W) views of per-chunk CUDA tensors
+                with torch.cuda.device(dev):
+                    out = (torch.stack(rows) if rows
+                           else torch.empty((0, 1, H, W), dtype=torch.float32, device=dev))
+                    # The chunk copies and the stack ran on this thread's current stream; the
+                    # consumer (the Detector's inference, another thread, maybe another stream)
+                    # gets a finished tensor. Waits for this batch's GPU work only.
+                    torch.cuda.current_stream(dev).synchronize()
+                return out  # (N_ok, 1, H, W) contiguous: batch[a:b] slices are views
         batch = np.empty((len(rows), 1, H, W), dtype=np.float32)  # (N_ok, 1, H, W)
         for row, arr in enumerate(rows):
             batch[row] = arr
         if on_gpu:  # numpy path on a CUDA device: one upload of the finished batch
             import torch
 
-            return torch.from_numpy(batch).to(f"cuda:{self.device_id}")
+            return torch.from_numpy(batch).to(torch.device("cuda", self.device_id))
         return batch
 
     def close(self) -> None:
         self._pipes.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __enter__(self) -> "Preprocessor":
         return self
@@ -248,40 +372,110 @@ class Preprocessor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- numpy path ---------------------------------------------------------------------------
-    def _run_numpy(self, images, outputs, transforms, errors, timings) -> None:
-        t0 = time.perf_counter()
-        for pos, img in enumerate(images):
+    # -- routing ------------------------------------------------------------------------------
+    def _dct_k(self, img: Any) -> int:
+        """1, or the DCT scale to decode `img` at (jpeg_dct_scaling, CPU, 8-bit JPEG, factor >= 2)."""
+        if not self.jpeg_dct_scaling or self.device != Device.CPU or not _dct_candidate(img):
+            return 1
+        t = letterbox_geometry(img.image_size, self.input_hw)
+        return dct_scale(t.src_hw, t.resized_hw)
+
+    def _j2k_encoded(self, img: Any) -> bool:
+        if self.backend != "dali" or self.dicom_j2k == "pixels" or not is_encoded_j2k(img):
+            return False
+        return self.dicom_j2k == "dali" or self.device == Device.CUDA
+
+    def _decode_many(self, jobs: list[tuple[int, Any, int]]) -> dict[int, Any]:
+        """pos -> (pixels, extent) or the DecodeError, for Pillow 1/k decodes (threads: Pillow
+        releases the GIL while decoding)."""
+        def one(job):
+            pos, img, k = job
             try:
-                px, vr = _raw_pixels(img)
-                outputs[pos], transforms[pos] = preprocess_reference(
-                    px, vr, self.input_hw, self.mean, self.std
-                )
+                return pos, _decode_dct(img, k)
             except InputError as e:
-                errors[pos] = e
-            except ValueError as e:
-                errors[pos] = InputError(img.source, str(e))
+                return pos, e
+
+        if len(jobs) <= 1 or self.num_threads <= 1:
+            return dict(one(j) for j in jobs)
+        return dict(self._executor().map(one, jobs))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="cxrkit-pre")
+        return self._pool
+
+    # -- numpy path ---------------------------------------------------------------------------
+    def _numpy_one(self, pos: int, img: Any) -> tuple[int, Any]:
+        """(pos, ((1, H, W), transform)) or (pos, InputError): decode + the reference, one item."""
+        try:
+            k = self._dct_k(img)
+            if k > 1:
+                (px, extent), vr = _decode_dct(img, k), (0.0, 255.0)
+                src_hw = tuple(img.image_size)
+            else:
+                px, vr = _raw_pixels(img)
+                extent, src_hw = None, px.shape
+            return pos, preprocess_reference(
+                px, vr, self.input_hw, self.mean, self.std, src_hw=src_hw, extent_hw=extent
+            )
+        except InputError as e:
+            return pos, e
+        except ValueError as e:
+            return pos, InputError(img.source, str(e))
+
+    def _run_numpy(self, images, outputs, transforms, errors, timings) -> None:
+        """The reference, one image per thread (Pillow decode and numpy's matmul release the GIL),
+        numpy's BLAS kept to one thread meanwhile (see _blas.py)."""
+        t0 = time.perf_counter()
+        with blas_single_thread():
+            if len(images) <= 1 or self.num_threads <= 1:
+                done = [self._numpy_one(pos, img) for pos, img in enumerate(images)]
+            else:
+                done = list(self._executor().map(self._numpy_one, range(len(images)), images))
+        for pos, got in done:
+            if isinstance(got, InputError):
+                errors[pos] = got
+            else:
+                outputs[pos], transforms[pos] = got
         timings["pipeline"] = (time.perf_counter() - t0) * 1e3
 
     # -- DALI path ----------------------------------------------------------------------------
+    def _job(self, pos: int, img: Any, decoded: dict[int, Any]) -> tuple[_Key, _Job, tuple[int, int]]:
+        """(variant, job, source (h, w)) of one item. Raises InputError / ValueError."""
+        vr = check_value_range(img.value_range, img.source)
+        if pos in decoded:  # JPEG decoded by libjpeg at 1/k
+            got = decoded[pos]
+            if isinstance(got, InputError):
+                raise got
+            px, extent = got
+            src_hw = (int(img.image_size[0]), int(img.image_size[1]))
+            return (False, "uint8", False), _Job(pos, img.source, img.format, px[:, :, None], (0.0, 255.0), extent), src_hw
+        if self._j2k_encoded(img):  # DICOM JPEG 2000 frame, value range in stored units
+            lo, hi = check_value_range(img.meta["linear_stored_range"], img.source)
+            clip = (min(lo, hi), max(lo, hi))
+            data = np.frombuffer(img.encoded, dtype=np.uint8)  # (n_bytes,)
+            src_hw = (int(img.image_size[0]), int(img.image_size[1]))
+            return (True, "uint16", True), _Job(pos, img.source, "jpeg2000", data, (lo, hi), src_hw, clip), src_hw
+        enc_dtype = _encoded_dtype(img)
+        if enc_dtype is not None:
+            data = np.frombuffer(img.encoded, dtype=np.uint8)  # (n_bytes,)
+            src_hw = (int(img.image_size[0]), int(img.image_size[1]))
+            return (True, enc_dtype, False), _Job(pos, img.source, img.format, data, vr, src_hw), src_hw
+        px, vr = _raw_pixels(img)
+        px = clip_to_range(px, vr)  # (h, w)
+        if px.dtype not in _RAW_DTYPES:
+            px = px.astype(np.float32)
+        src_hw = (int(px.shape[0]), int(px.shape[1]))
+        return (False, px.dtype.name, False), _Job(pos, img.source, img.format, px[:, :, None], vr, src_hw), src_hw
+
     def _run_dali(self, images, outputs, transforms, errors, timings) -> None:
         t0 = time.perf_counter()
-        groups: dict[tuple[bool, str], list[_Job]] = {}  # variant (encoded, dtype) -> jobs
+        dct = {pos: k for pos, img in enumerate(images) if (k := self._dct_k(img)) > 1}
+        decoded = self._decode_many([(pos, images[pos], k) for pos, k in dct.items()])
+        groups: dict[_Key, list[_Job]] = {}
         for pos, img in enumerate(images):
             try:
-                vr = check_value_range(img.value_range, img.source)
-                enc_dtype = _encoded_dtype(img)
-                if enc_dtype is not None:
-                    data = np.frombuffer(img.encoded, dtype=np.uint8)  # (n_bytes,)
-                    src_hw = (int(img.image_size[0]), int(img.image_size[1]))
-                    key = (True, enc_dtype)
-                else:
-                    px, vr = _raw_pixels(img)
-                    px = clip_to_range(px, vr)  # (h, w)
-                    if px.dtype not in _RAW_DTYPES:
-                        px = px.astype(np.float32)
-                    data, src_hw = px[:, :, None], px.shape  # (h, w, 1)
-                    key = (False, px.dtype.name)
+                key, job, src_hw = self._job(pos, img, decoded)
                 transforms[pos] = letterbox_geometry(src_hw, self.input_hw)
             except InputError as e:
                 errors[pos] = e
@@ -289,7 +483,7 @@ class Preprocessor:
             except ValueError as e:
                 errors[pos] = InputError(img.source, str(e))
                 continue
-            groups.setdefault(key, []).append(_Job(pos, img.source, img.format, data, vr))
+            groups.setdefault(key, []).append(job)
         t1 = time.perf_counter()
         timings["prepare"] = (t1 - t0) * 1e3
 
@@ -316,14 +510,14 @@ class Preprocessor:
             transforms.pop(pos, None)
         timings["pipeline"] = (time.perf_counter() - t1) * 1e3
 
-    def _pipeline(self, key: tuple[bool, str]) -> Any:
+    def _pipeline(self, key: _Key) -> Any:
         pipe = self._pipes.get(key)
         if pipe is None:
-            encoded, dtype_name = key
+            encoded, dtype_name, clip = key
             cpu = self.device == Device.CPU
             pipe = _graph()(
-                encoded=encoded, device="cpu" if cpu else "gpu", dtype_name=dtype_name,
-                input_hw=self.input_hw, fill=self._fill,
+                encoded=encoded, device="cpu" if cpu else "gpu", dtype_name=dtype_name, clip=clip,
+                input_hw=self.input_hw, fill=self._fill, hw_decoder_load=self.hw_decoder_load,
                 batch_size=self.batch_size, num_threads=self.num_threads,
                 device_id=None if cpu else self.device_id, prefetch_queue_depth=1,
             )
@@ -331,23 +525,28 @@ class Preprocessor:
             self._pipes[key] = pipe
         return pipe
 
-    def _run_chunk(self, key, chunk, transforms, outputs, errors) -> None:
-        encoded = key[0]
+    def _run_chunk(self, key: _Key, chunk, transforms, outputs, errors) -> None:
+        encoded, dtype_name, clip = key
         pipe = self._pipeline(key)
         H, W = self.input_hw
-        size, shift, scale, pos_y, pos_x = [], [], [], [], []
+        f32 = np.float32
+        feeds: dict[str, list[np.ndarray]] = {n: [] for n in ("size", "shift", "scale", "pos_y", "pos_x")}
         for job in chunk:
             t = transforms[job.pos]
             (nh, nw), (top, left) = t.resized_hw, t.offset_yx
             lo, hi = job.value_range
-            size.append(np.array([nh, nw], dtype=np.float32))
-            shift.append(np.array(lo + self.mean * (hi - lo), dtype=np.float32))
-            scale.append(np.array((hi - lo) * self.std, dtype=np.float32))
-            pos_y.append(np.array(top / (H - nh) if H > nh else 0.0, dtype=np.float32))
-            pos_x.append(np.array(left / (W - nw) if W > nw else 0.0, dtype=np.float32))
+            feeds["size"].append(np.array([nh, nw], dtype=f32))
+            feeds["shift"].append(np.array(lo + self.mean * (hi - lo), dtype=f32))
+            feeds["scale"].append(np.array((hi - lo) * self.std, dtype=f32))
+            feeds["pos_y"].append(np.array(top / (H - nh) if H > nh else 0.0, dtype=f32))
+            feeds["pos_x"].append(np.array(left / (W - nw) if W > nw else 0.0, dtype=f32))
+        if not encoded:
+            feeds["roi_end"] = [np.array(job.extent, dtype=f32) for job in chunk]
+        if clip:
+            feeds["clip_lo"] = [np.array(job.clip[0], dtype=f32) for job in chunk]
+            feeds["clip_hi"] = [np.array(job.clip[1], dtype=f32) for job in chunk]
         pipe.feed_input("data", [job.data for job in chunk])
-        for name, vals in (("size", size), ("shift", shift), ("scale", scale),
-                           ("pos_y", pos_y), ("pos_x", pos_x)):
+        for name, vals in feeds.items():
             pipe.feed_input(name, vals)
         res = pipe.run()
         out, shapes = res if encoded else (res[0], None)
@@ -357,10 +556,12 @@ class Preprocessor:
             import torch
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            dev = torch.device("cuda", self.device_id)
             dense = out.as_tensor()  # (n, 1, H, W) DALI TensorGPU
-            arr = torch.empty(tuple(dense.shape()), dtype=torch.float32,
-                              device=f"cuda:{self.device_id}")
-            feed_ndarray(dense, arr, cuda_stream=torch.cuda.current_stream(arr.device))
+            with torch.cuda.device(dev):
+                arr = torch.empty(tuple(dense.shape()), dtype=torch.float32, device=dev)
+                # copy on torch's current stream; DALI orders it after the pipeline's own work
+                feed_ndarray(dense, arr, cuda_stream=torch.cuda.current_stream(dev))
         for row, job in enumerate(chunk):
             if encoded:
                 hw = tuple(int(v) for v in np.asarray(shapes[row])[:2])

@@ -46,11 +46,18 @@ _BLOCK = 64  # output pixels per dense weight block
 _Blocks = tuple[tuple[int, int, int, int, np.ndarray], ...]
 
 
-def resize_weights(n_in: int, n_out: int) -> np.ndarray:
-    """Dense (n_out, n_in) float64 weight matrix of the antialiased triangle filter (see module doc)."""
+def resize_weights(n_in: int, n_out: int, extent: float | None = None) -> np.ndarray:
+    """Dense (n_out, n_in) float64 weight matrix of the antialiased triangle filter (see module doc).
+
+    ``extent`` (default ``n_in``): the length, in input pixels, of the span [0, extent) that the
+    n_out output pixels cover; a JPEG decoded at scale 1/k has ceil(n/k) pixels of which only the
+    first n/k are image (the last one is partly padding), so its extent is n/k."""
     if n_in <= 0 or n_out <= 0:
         raise ValueError(f"sizes must be positive, got n_in={n_in}, n_out={n_out}")
-    s = n_in / n_out
+    ext = float(n_in if extent is None else extent)
+    if not 0 < ext <= n_in:
+        raise ValueError(f"extent must be in (0, n_in={n_in}], got {extent}")
+    s = ext / n_out
     r = max(1.0, s)  # triangle half-width in source pixels
     n_taps = int(math.ceil(2.0 * r)) + 1
     c = (np.arange(n_out) + 0.5) * s - 0.5  # (n_out,) source centre of each output pixel
@@ -65,8 +72,8 @@ def resize_weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _weight_blocks(n_in: int, n_out: int) -> _Blocks:
-    mat = resize_weights(n_in, n_out)  # (n_out, n_in)
+def _weight_blocks(n_in: int, n_out: int, extent: float | None = None) -> _Blocks:
+    mat = resize_weights(n_in, n_out, extent)  # (n_out, n_in)
     blocks = []
     for i0 in range(0, n_out, _BLOCK):
         i1 = min(n_out, i0 + _BLOCK)
@@ -78,15 +85,21 @@ def _weight_blocks(n_in: int, n_out: int) -> _Blocks:
     return tuple(blocks)
 
 
-def resize_linear_aa(img: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """(h, w) any real dtype -> (nh, nw) float32, antialiased linear resize (see module doc)."""
+def resize_linear_aa(
+    img: np.ndarray, out_hw: tuple[int, int], extent_hw: tuple[float, float] | None = None
+) -> np.ndarray:
+    """(h, w) any real dtype -> (nh, nw) float32, antialiased linear resize (see module doc).
+    ``extent_hw``: the part [0, eh) x [0, ew) of the input that is image (see resize_weights)."""
     h, w = img.shape
     nh, nw = int(out_hw[0]), int(out_hw[1])
+    eh, ew = (None, None) if extent_hw is None else (float(extent_hw[0]), float(extent_hw[1]))
+    eh = None if eh == h else eh
+    ew = None if ew == w else ew
     tmp = np.empty((nh, w), dtype=np.float32)  # (nh, w) after the vertical pass
-    for i0, i1, s0, s1, blk in _weight_blocks(h, nh):
+    for i0, i1, s0, s1, blk in _weight_blocks(h, nh, eh):
         np.matmul(blk, img[s0:s1].astype(np.float32, copy=False), out=tmp[i0:i1])
     out = np.empty((nh, nw), dtype=np.float32)  # (nh, nw)
-    for j0, j1, s0, s1, blk in _weight_blocks(w, nw):
+    for j0, j1, s0, s1, blk in _weight_blocks(w, nw, ew):
         out[:, j0:j1] = tmp[:, s0:s1] @ blk.T
     return out
 
@@ -113,8 +126,9 @@ def _dtype_bounds(dtype: np.dtype) -> tuple[float, float] | None:
 
 
 def clip_to_range(pixels: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """Saturate pixels to the value range (in their own dtype). Returns `pixels` itself when no
-    value can lie outside (an integer dtype whose whole range is inside) or none does."""
+    """Saturate pixels to the value range (in their own dtype when the bounds are integers, else
+    in float32). Returns `pixels` itself when no value can lie outside (an integer dtype whose
+    whole range is inside) or none does."""
     lo, hi = min(value_range), max(value_range)
     bounds = _dtype_bounds(pixels.dtype)
     if bounds is not None and lo <= bounds[0] and hi >= bounds[1]:
@@ -124,9 +138,12 @@ def clip_to_range(pixels: np.ndarray, value_range: tuple[float, float]) -> np.nd
     mn, mx = float(pixels.min()), float(pixels.max())
     if mn >= lo and mx <= hi and not (np.isnan(mn) or np.isnan(mx)):
         return pixels
-    if bounds is not None:  # clip bounds representable in the integer dtype
-        lo_c, hi_c = math.ceil(max(lo, bounds[0])), math.floor(min(hi, bounds[1]))
-        return np.clip(pixels, lo_c, hi_c)
+    if bounds is not None:
+        lo_c, hi_c = float(max(lo, bounds[0])), float(min(hi, bounds[1]))
+        if lo_c.is_integer() and hi_c.is_integer():  # exact in the integer dtype
+            return np.clip(pixels, int(lo_c), int(hi_c))
+        # A bound between two integers: a value below it must become the bound itself (unit 0.0
+        # exactly), not the next integer, so clip in float32 (exact for integers below 2^24).
     out = np.clip(pixels.astype(np.float32, copy=False), lo, hi)
     return np.nan_to_num(out, nan=lo, copy=False)  # NaN -> the 0.0 end of the window
 
@@ -142,19 +159,26 @@ def preprocess_reference(
     input_hw: tuple[int, int],
     mean: float,
     std: float,
+    *,
+    src_hw: tuple[int, int] | None = None,
+    extent_hw: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, LetterboxTransform]:
-    """(h, w) gray pixels -> ((1, H, W) float32 normalised model input, its letterbox transform)."""
+    """(h, w) gray pixels -> ((1, H, W) float32 normalised model input, its letterbox transform).
+
+    ``src_hw`` / ``extent_hw``: for pixels that are a reduced decode of a larger image (a JPEG
+    decoded at 1/k in the DCT domain): the original (h, w), which sets the letterbox geometry,
+    and the part [0, eh) x [0, ew) of ``pixels`` that is image (h/k, w/k)."""
     if pixels.ndim != 2:
         raise ValueError(f"pixels must be (h, w) gray, got shape {pixels.shape}")
     lo, hi = check_value_range(value_range)
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std}")
-    t = letterbox_geometry(pixels.shape, input_hw)
+    t = letterbox_geometry(pixels.shape if src_hw is None else src_hw, input_hw)
     (nh, nw), (top, left) = t.resized_hw, t.offset_yx
     H, W = t.dst_hw
 
     src = clip_to_range(pixels, (lo, hi))  # (h, w) source dtype
-    resized = resize_linear_aa(src, (nh, nw))  # (nh, nw) float32, source units
+    resized = resize_linear_aa(src, (nh, nw), extent_hw)  # (nh, nw) float32, source units
     unit = (resized - np.float32(lo)) / np.float32(hi - lo)  # (nh, nw) in [0, 1]
     out = np.full((1, H, W), pad_value(mean, std), dtype=np.float32)  # (1, H, W)
     out[0, top : top + nh, left : left + nw] = (unit - np.float32(mean)) / np.float32(std)
