@@ -56,6 +56,10 @@ class Detector:
     >>> preds = det.predict(["a.dcm", "b.png", jpeg_bytes, uint16_array])  # doctest: +SKIP
     >>> preds[0].findings["nodule"].score, preds[0].findings["nodule"].boxes_xyxy  # doctest: +SKIP
 
+    ``runner_options`` go to the backend (e.g. ``{"compile": True, "cuda_graphs": False}`` for
+    torch); ``preprocess_options`` to the Preprocessor (e.g. ``{"hw_decoder_load": 0.9,
+    "jpeg_dct_scaling": True, "dicom_j2k": "auto"}``).
+
     Boxes and points are in original-image pixels. By default boxes are reported only for
     findings that are positive at the card's operating threshold (``boxes="positive"``);
     ``boxes="all"`` reports every heatmap peak above the finding's heatmap threshold.
@@ -76,6 +80,7 @@ class Detector:
         voi_window_index: int = 0,
         boxes: str = "positive",
         runner_options: dict[str, Any] | None = None,
+        preprocess_options: dict[str, Any] | None = None,
     ) -> None:
         from .backends import create_runner
         from .preprocess import Preprocessor
@@ -106,6 +111,7 @@ class Detector:
             device=self.device.value, backend=preprocess, batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=None if self.device is Device.CPU else _cuda_index(self.device_str),
+            **(preprocess_options or {}),
         )
         self._lock = threading.Lock()  # runner + post-processing
         self._pre_lock = threading.Lock()  # preprocessing pipelines
@@ -202,6 +208,8 @@ class Detector:
         if ok_pos:
             t0 = time.perf_counter()
             with self._pre_lock:
+                if self._closed:  # close() may have run while this call was reading its inputs
+                    raise RuntimeError("this Detector is closed")
                 pre = self.preprocessor.run([prep.loaded[p] for p in ok_pos])
             prep.preprocess_ms = (time.perf_counter() - t0) * 1e3
             for p_local, err in pre.errors.items():
@@ -216,6 +224,8 @@ class Detector:
         stage_ms: dict[str, float] = {}
         if prep.ok:
             with self._lock:
+                if self._closed:  # never let infer() load the runner again after close()
+                    raise RuntimeError("this Detector is closed")
                 results, stage_ms = self._infer(prep, return_heatmaps)
             stage_ms["preprocess"] = prep.preprocess_ms
         n_done = max(1, len(results))
