@@ -46,7 +46,7 @@ def _isa() -> str:
     return ",".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
 
 
-def prepare(arch: str, size: int, workdir: Path, calib_n: int = 16):
+def prepare(arch: str, size: int, workdir: Path, calib_n: int = 16, **qopts):
     """Export ``arch`` (or use the bundled cxr29-demo), write fp32 + int8 graphs; returns (fp32, int8, report)."""
     from cxrkit.models import list_models, load_model_package
     from cxrkit.quant import compare, quantize_int8
@@ -79,8 +79,8 @@ def prepare(arch: str, size: int, workdir: Path, calib_n: int = 16):
         H, W = size, size
     rng = np.random.default_rng(0)
     x = (rng.uniform(0, 1, (calib_n + 8, 1, H, W)).astype(np.float32) - 0.5) / 0.25
-    g8, plan, _ = quantize_int8(fp32, x[:calib_n])
-    int8 = Path(workdir) / f"{name}.int8.onnx"
+    g8, plan, _ = quantize_int8(fp32, x[:calib_n], **qopts)
+    int8 = Path(workdir) / f"{name}.{'u8cpu' if qopts.get('cpu_uint8') else 'int8'}.onnx"
     import onnx
 
     onnx.save(g8, int8)
@@ -88,27 +88,43 @@ def prepare(arch: str, size: int, workdir: Path, calib_n: int = 16):
     return name, (H, W), fp32, int8, rep
 
 
-def images_per_s(sess, x: np.ndarray, repeat: int) -> float:
+def _timed_runs(sess, x: np.ndarray, repeat: int) -> list[tuple[float, float]]:
+    """(wall s, process CPU s) of ``repeat`` runs."""
     name = sess.get_inputs()[0].name
-    sess.run(None, {name: x})  # warm-up
-    best = float("inf")
+    out = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         sess.run(None, {name: x})
-        best = min(best, time.perf_counter() - t)
-    return len(x) / best
+        out.append((time.perf_counter() - t, time.process_time() - c))
+    return out
 
 
-def measure(fp32: Path, int8: Path, hw, batch: int, threads: int, repeat: int) -> tuple[float, float]:
-    from cxrkit.quant.calibrate import ort_session
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
 
-    s32, s8 = ort_session(fp32, threads), ort_session(int8, threads)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # no spin-waiting, so process CPU time is work done (comparable on a shared machine)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def measure(fp32: Path, int8: Path, hw, batch: int, threads: int, repeat: int, rounds: int = 3):
+    """(fp32 img/s, int8 img/s, fp32 CPU ms/img, int8 CPU ms/img): best wall time and median CPU
+    time over ``rounds`` interleaved rounds of ``repeat`` runs each."""
+    s32, s8 = _session(fp32, threads), _session(int8, threads)
     x = np.random.default_rng(1).standard_normal((batch, 1, *hw)).astype(np.float32)
-    f, i = 0.0, 0.0
-    for _ in range(2):  # interleave so background load hits both alike
-        f = max(f, images_per_s(s32, x, repeat))
-        i = max(i, images_per_s(s8, x, repeat))
-    return f, i
+    for s in (s32, s8):
+        _timed_runs(s, x, 1)  # warm-up
+    r32, r8 = [], []
+    for _ in range(rounds):  # interleave so background load hits both alike
+        r32 += _timed_runs(s32, x, repeat)
+        r8 += _timed_runs(s8, x, repeat)
+    a32, a8 = np.array(r32), np.array(r8)
+    return (batch / a32[:, 0].min(), batch / a8[:, 0].min(),
+            1e3 * np.median(a32[:, 1]) / batch, 1e3 * np.median(a8[:, 1]) / batch)
 
 
 def main(argv=None) -> int:
@@ -118,18 +134,24 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--models", default="default,densenet121")
+    ap.add_argument("--cpu-uint8", action="store_true",
+                    help="also measure the ONNX Runtime CPU-only uint8 variant (cpu_uint8=True)")
+    ap.add_argument("--skip-depthwise", action="store_true", help="leave depthwise convs and the stem fp32")
     a = ap.parse_args(argv)
     import onnxruntime as ort
 
     print(f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores, {_isa()}), onnxruntime {ort.__version__}, "
           f"{a.threads} threads, batch {a.batch}, {a.size}x{a.size}")
     with tempfile.TemporaryDirectory() as d:
+        sel = {"skip_depthwise": True, "min_reduction": 16} if a.skip_depthwise else {}
+        variants = [("int8", sel)] + ([("u8cpu", {"cpu_uint8": True, **sel})] if a.cpu_uint8 else [])
         for arch in a.models.split(","):
-            name, hw, fp32, int8, rep = prepare(arch, a.size, Path(d))
-            f, i = measure(fp32, int8, hw, a.batch, a.threads, a.repeat)
-            print(f"{name:12s} {hw[0]}x{hw[1]}  fp32 {f:8.1f} img/s  int8 {i:8.1f} img/s  ratio {i / f:5.2f}x "
-                  f"(target 1.70x)  guard {'passed' if rep.passed else 'FAILED'} "
-                  f"(max |score diff| {rep.max_abs_score_diff:.3g})")
+            for label, qopts in variants:
+                name, hw, fp32, int8, rep = prepare(arch, a.size, Path(d), **qopts)
+                f, i, cf, ci = measure(fp32, int8, hw, a.batch, a.threads, a.repeat)
+                print(f"{name:12s} {hw[0]}x{hw[1]}  fp32 {f:8.1f} img/s ({cf:7.2f} CPU ms/img)  {label} {i:8.1f} img/s "
+                      f"({ci:7.2f} CPU ms/img)  ratio {i / f:5.2f}x (target 1.70x)  guard "
+                      f"{'passed' if rep.passed else 'FAILED'} (max |score diff| {rep.max_abs_score_diff:.3g})")
     return 0
 
 

@@ -327,3 +327,31 @@ def test_detector_int8_end_to_end(tmp_path):
     assert p8.error is None
     for k in ("nodule", "pneumothorax"):
         assert p8.findings[k].score == pytest.approx(p32.findings[k].score, abs=1e-3)
+
+
+def test_int8_cpu_uint8_variant_folds_relu_and_stays_close(pkg_dir, calib, holdout, tmp_path):
+    """cpu_uint8: ReLU outputs are uint8 with zero point 0 (ORT folds the ReLU away), the rest
+    uint8 zero point 128; same accuracy as the int8 graph; skip_depthwise leaves the dw conv fp32."""
+    from onnx import numpy_helper
+
+    from cxrkit.quant import quantize_int8
+    from cxrkit.quant.calibrate import ort_session
+
+    m, plan, _ = quantize_int8(pkg_dir / "model.onnx", calib, cpu_uint8=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    zps = {}
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear":
+            z = inits[n.input[2]]
+            assert z.dtype == np.uint8 and int(z) in (0, 128)
+            zps[n.input[0]] = int(z)
+    relu_outs = [t for t in zps if t in prod and prod[t].op_type == "Relu"]
+    assert relu_outs and all(zps[t] == 0 for t in relu_outs)
+    onnx.save(m, tmp_path / "u8.onnx")
+    ref, low = _run(pkg_dir / "model.onnx", holdout), _run(tmp_path / "u8.onnx", holdout)
+    assert np.abs(_sig(ref[0]) - _sig(low[0])).max() < 0.3
+    assert ((ref[0] >= 0) == (low[0] >= 0)).mean() > 0.97
+    ort_session(tmp_path / "u8.onnx")  # ORT accepts it
+    _, plan_dw, _ = quantize_int8(pkg_dir / "model.onnx", calib, skip_depthwise=True)
+    assert len(plan_dw.weighted) == len(plan.weighted) - 1 and any("dw" in k for k in plan_dw.kept_fp32)

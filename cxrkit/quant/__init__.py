@@ -111,22 +111,28 @@ def layer_sensitivity(fp32_graph, x: np.ndarray, ranges_for, keep_fp32: Iterable
 
 def quantize_int8(fp32_graph, calib: np.ndarray, *, method: str = "percentile", percentile: float = 99.99,
                   keep_fp32: Iterable[str] = (), ranges: dict[str, float] | None = None, weight_bits: int = 7,
-                  batch_size: int = 8, num_threads: int | None = None):
+                  batch_size: int = 8, num_threads: int | None = None, cpu_uint8: bool = False,
+                  skip_depthwise: bool = False, min_reduction: int = 0):
     """The Q/DQ graph (ModelProto) of ``fp32_graph`` calibrated on ``calib`` (N, 1, H, W).
 
     ``ranges`` (tensor -> amax) replaces calibration for the tensors it names. ``weight_bits``: 7
     (weights in [-63, 63]) by default, because ONNX Runtime's int8 kernels on x86 CPUs without
     VNNI add pairs of u8 x s8 products in int16 and saturate with full 8-bit weights (measured
     here: fused and unfused results differ by up to 4 heatmap logits); 8 for TensorRT-only graphs.
+
+    ``cpu_uint8``: write the ONNX Runtime CPU-only variant (uint8 activations, ReLUs folded into
+    the quantizers; see :func:`apply_qdq`) instead of the TensorRT-consumable int8 graph.
+    ``skip_depthwise`` / ``min_reduction``: leave depthwise convs / convs reducing over fewer
+    than ``min_reduction`` values (a 1-channel stem) in fp32 (:func:`.qdq.slow_int8_convs`).
     """
     prep = prepared(fp32_graph)
-    plan = plan_qdq(prep, keep_fp32)
+    plan = plan_qdq(prep, keep_fp32, skip_depthwise=skip_depthwise, min_reduction=min_reduction)
     have = dict(ranges or {})
     need = [t for t in plan.calib_tensors if t not in have]
     if need:
         have.update(collect_ranges(prep, need, calib, method, percentile=percentile,
                                    batch_size=batch_size, num_threads=num_threads))
-    return apply_qdq(prep, plan, have, weight_bits=weight_bits), plan, have
+    return apply_qdq(prep, plan, have, weight_bits=weight_bits, uint8_activations=cpu_uint8), plan, have
 
 
 def quantize(model: "ModelPackage | str | Path", calib: Any, *, out: "str | Path | None" = None,

@@ -97,15 +97,37 @@ def _resolve_keep(patterns: Iterable[str], g, weighted: Sequence[str]) -> set[st
     return names
 
 
-def plan_qdq(model, keep_fp32: Iterable[str] = (), only: Iterable[str] | None = None) -> QDQPlan:
+def slow_int8_convs(model, skip_depthwise: bool = True, min_reduction: int = 16) -> set[str]:
+    """Convs whose int8 kernel is not faster than fp32 on CPUs without VNNI (ONNX Runtime, AVX2):
+    depthwise convs (``group`` == input channels > 1) and convs that reduce over fewer than
+    ``min_reduction`` values per output (``Cin/group * kh * kw``, e.g. a 1-channel 3x3 stem)."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    out = set()
+    for n in g.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        dims = list(inits[n.input[1]].dims)  # (Cout, Cin/group, kh, kw)
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        red = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+        if (skip_depthwise and group > 1 and dims[1] == 1) or red < min_reduction:
+            out.add(n.name)
+    return out
+
+
+def plan_qdq(model, keep_fp32: Iterable[str] = (), only: Iterable[str] | None = None, *,
+             skip_depthwise: bool = False, min_reduction: int = 0) -> QDQPlan:
     """Decide the Q/DQ placement for a *prepared* fp32 graph (see :func:`graph.prepare`).
 
     ``only``: quantize just these weighted ops (and no pass-through ops): used to measure the
-    sensitivity of one layer at a time.
+    sensitivity of one layer at a time. ``skip_depthwise`` / ``min_reduction``: leave the convs
+    :func:`slow_int8_convs` names in fp32 (selective quantization for CPU speed).
     """
     g = model.graph
     weighted_all = weighted_ops(model)
     keep = _resolve_keep(keep_fp32, g, weighted_all)
+    if skip_depthwise or min_reduction > 0:
+        keep |= slow_int8_convs(model, skip_depthwise, min_reduction)
     if only is not None:
         only = set(only)
         keep |= {w for w in weighted_all if w not in only}
@@ -194,8 +216,15 @@ def _quantize_weight(w: np.ndarray, axis: int, qmax: int = 127) -> tuple[np.ndar
 
 
 def apply_qdq(model, plan: QDQPlan, ranges: Mapping[str, float], out: "str | Path | None" = None, *,
-              weight_bits: int = 8):
-    """Write the Q/DQ graph for ``plan`` with activation ``ranges`` (tensor -> amax)."""
+              weight_bits: int = 8, uint8_activations: bool = False):
+    """Write the Q/DQ graph for ``plan`` with activation ``ranges`` (tensor -> amax).
+
+    ``uint8_activations``: an ONNX Runtime CPU-only variant (not for TensorRT, which takes only
+    symmetric int8): tensors that are >= 0 (ReLU outputs, and convs whose range is their ReLU's)
+    get uint8 with zero point 0 and scale amax/255, so ORT folds each ReLU into the
+    QuantizeLinear before it and the conv + ReLU becomes one QLinearConv; the others get uint8
+    with zero point 128 and scale amax/127 (the same grid as symmetric int8).
+    """
     import onnx
     from onnx import helper, numpy_helper
 
@@ -211,6 +240,20 @@ def apply_qdq(model, plan: QDQPlan, ranges: Mapping[str, float], out: "str | Pat
 
     zp8 = unique_name("qdq_zero_point_int8", taken)
     g.initializer.append(numpy_helper.from_array(np.array(0, np.int8), zp8))
+    nonneg: set[str] = set()
+    if uint8_activations:  # ONNX Runtime CPU only: uint8, zero point 0 where x >= 0 (ReLU folds into Q)
+        zpu0, zpu128 = unique_name("qdq_zero_point_u0", taken), unique_name("qdq_zero_point_u128", taken)
+        g.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), zpu0))
+        g.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), zpu128))
+        prod_ = producers(g)
+        for t in plan.tensors:
+            r = plan.range_of[t]
+            if (r in prod_ and prod_[r].op_type == "Relu") or (t in prod_ and prod_[t].op_type == "Relu"):
+                nonneg.add(t)
+        for n in g.node:  # pooling / concat / resize of non-negative tensors
+            if n.op_type in ("MaxPool", "AveragePool", "Concat", "Resize") and n.output[0] in set(plan.tensors):
+                if all(i in nonneg for i in n.input[:1 if n.op_type != "Concat" else None]):
+                    nonneg.add(n.output[0])
     amax_of: dict[str, float] = {}
     for t in plan.tensors:
         amax = float(ranges[plan.range_of[t]])
@@ -233,6 +276,9 @@ def apply_qdq(model, plan: QDQPlan, ranges: Mapping[str, float], out: "str | Pat
         # its Q and DQ nodes are its own; its constant sharing and CSE would merge identical pairs
         # again, so pair j's scale is nudged by j float32 ulps (a relative change of ~1e-7 * j).
         s = np.float32(amax_of[t] / 127.0)
+        zp = zp8
+        if uint8_activations:
+            s, zp = (np.float32(amax_of[t] / 255.0), zpu0) if t in nonneg else (s, zpu128)
         for j, key in enumerate(q_cons[t]):
             sj = s
             for _ in range(j):
@@ -240,9 +286,9 @@ def apply_qdq(model, plan: QDQPlan, ranges: Mapping[str, float], out: "str | Pat
             sn = unique_name(f"{t}_scale" if j == 0 else f"{t}_scale_{j}", taken)
             g.initializer.append(numpy_helper.from_array(np.array(sj, np.float32), sn))
             qn, dqn = unique_name(f"{t}_q", taken), unique_name(f"{t}_dq", taken)
-            new_nodes.append(helper.make_node("QuantizeLinear", [t, sn, zp8], [qn],
+            new_nodes.append(helper.make_node("QuantizeLinear", [t, sn, zp], [qn],
                                               name=unique_name(f"QuantizeLinear_{t}", taken)))
-            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zp8], [dqn],
+            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zp], [dqn],
                                               name=unique_name(f"DequantizeLinear_{t}", taken)))
             dq_for[key if key is not None else (t, -1)] = dqn
 
