@@ -229,3 +229,33 @@ def test_probe_package_round_trip_and_determinism(tmp_path):
     for name in ("model.onnx", "weights.safetensors"):
         assert sha256_file(out / name) == card.raw["sha256"][name], f"{name} is not reproducible"
     assert json.loads((out / "card.json").read_text()) == dict(card.raw)
+
+
+def test_cxr29_demo_package_is_consistent():
+    from cxrkit.labels import FINDING_KEYS
+    from cxrkit.models import list_models, load_model_package
+    from cxrkit.synth import SYNTH_LABELS
+
+    if "cxr29-demo" not in list_models():
+        pytest.skip("cxr29-demo is not built (python -m cxrkit.train --out cxrkit/models/cxr29-demo)")
+    pkg = load_model_package("cxr29-demo")
+    card = pkg.card
+    assert list(card.labels) == list(FINDING_KEYS)
+    en = card.raw["enabled"]
+    assert not any(en[k] for k in FINDING_KEYS if k not in SYNTH_LABELS), "an untrained finding is enabled"
+    assert "NOT for clinical use" in card.raw["intended_use"]
+    assert card.raw["training"]["split"]["by"] == "patient"
+    parts = card.raw["training"]["split"]
+    assert not set(parts["test"]["patients"]) & set(parts["train"]["patients"])
+    for p in ("onnx", "weights"):
+        assert pkg.verified(p).stat().st_size < 4 * 1024 * 1024
+    net = load_weights(create_net(card.arch, **card.arch_kwargs), pkg.verified("weights"))
+    x = np.random.default_rng(0).normal(size=(2, 1, *card.input_hw)).astype(np.float32)
+    lt, ht = _torch_run(net, x)
+    lo, ho = _ort_run(pkg.verified("onnx"), x)
+    assert ho.shape == (2, 29, *card.heatmap_hw)
+    np.testing.assert_allclose(lo, lt, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(ho, ht, rtol=1e-4, atol=1e-3)
+    metrics = card.raw.get("metrics")
+    if metrics is not None:  # written only by the eval of the training run
+        assert metrics["measured_by"].startswith("cxrkit.eval.run_eval")

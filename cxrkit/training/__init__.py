@@ -1,0 +1,1 @@
+"""Training the demonstration models on synthetic lesions (see ``python -m cxrkit.train --help``)."""
