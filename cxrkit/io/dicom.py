@@ -13,6 +13,11 @@ Policies:
 - Colour (RGB/YBR/PALETTE COLOR) pixel data is converted to gray by ITU-R 601 luminance, with a
   warning; no Modality/VOI LUT applies to colour data.
 - Grayscale: see ``cxrkit.io.lut`` for the LUT order, the VOI fallback and the inversion rule.
+- Sizes are checked before anything is decoded: Rows x Columns against ``limits.max_pixels``;
+  the bytes of one frame (Rows x Columns x SamplesPerPixel x BitsAllocated/8) against
+  8 x max_pixels; a compressed frame's own codestream header (JPEG SOF, JPEG-LS SOF55,
+  JPEG 2000 SIZ) against max_pixels and against Rows/Columns; a Deflated data set's inflated size
+  against ``limits.max_file_bytes``.
 - A JPEG (baseline/extended) frame whose scan header says Se = 0 for a sequential process (seen
   in the NEMA WG04 JPEG Extended samples) is decoded again with Se = 63, with a warning.
 """
@@ -29,7 +34,7 @@ from cxrkit.config import Limits
 from cxrkit.errors import DecodeError, ImageTooLargeError, InputError, UnsupportedFormatError
 from cxrkit.io.image import LoadedImage, luminance_float, luminance_u8
 from cxrkit.io.lut import to_display
-from cxrkit.io.sniff import patch_sequential_scan_end
+from cxrkit.io.sniff import MAX_JPEG_SCANS, codestream_size, patch_sequential_scan_end
 
 __all__ = ["read_dataset", "load_dicom", "encapsulated_frame"]
 
@@ -42,15 +47,112 @@ CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-def read_dataset(data: bytes, source: str) -> Any:
-    """Parse DICOM bytes (with or without the 128-byte preamble) into a pydicom Dataset."""
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+_JPEG_TS = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                      "1.2.840.10008.1.2.4.70"})
+_JPEG_LS_TS = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+_J2K_TS = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+                     "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                     "1.2.840.10008.1.2.4.203"})
+
+
+def read_dataset(data: bytes, source: str, limits: Limits = Limits()) -> Any:
+    """Parse DICOM bytes (with or without the 128-byte preamble) into a pydicom Dataset.
+
+    A Deflated Explicit VR data set is inflated once here with a bound (``limits.max_file_bytes``)
+    before pydicom inflates it without one."""
     from pydicom import dcmread
 
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    _check_deflated_size(data, source, limits)
     try:
         return dcmread(io.BytesIO(data), force=not has_preamble)
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ValueError...
         raise DecodeError(source, f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_deflated_size(data: bytes, source: str, limits: Limits) -> None:
+    """ImageTooLargeError if a Deflated data set inflates past ``limits.max_file_bytes``."""
+    import zlib
+
+    if data.find(_DEFLATED_UID, 0, 4096) < 0:  # cheap pre-filter
+        return
+    # walk the file meta group (always explicit VR little endian) to its end and its (0002,0010)
+    pos, ts = (132 if data[128:132] == b"DICM" else 0), b""
+    while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV", b"SV", b"UV"):
+            length, hdr = int.from_bytes(data[pos + 8 : pos + 12], "little"), 12
+        else:
+            length, hdr = int.from_bytes(data[pos + 6 : pos + 8], "little"), 8
+        if length == 0xFFFFFFFF:
+            return  # malformed meta: pydicom reports it
+        if data[pos + 2 : pos + 4] == b"\x10\x00":
+            ts = bytes(data[pos + hdr : pos + hdr + length]).rstrip(b"\x00 ")
+        pos += hdr + length
+    if ts != _DEFLATED_UID:
+        return
+    # feed 64 kB at a time (zlib inflates at most ~1032x, so one step yields at most ~66 MB)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    budget, total, stream = limits.max_file_bytes, 0, memoryview(data)[pos:]
+    try:
+        for off in range(0, len(stream), 1 << 16):
+            total += len(inflater.decompress(stream[off : off + (1 << 16)], budget - total + 1))
+            if total > budget:
+                raise ImageTooLargeError(
+                    source, f"the Deflated data set inflates to more than limits.max_file_bytes = {budget} bytes"
+                )
+    except zlib.error as exc:
+        raise DecodeError(source, f"corrupt Deflated DICOM data set: {exc}") from exc
+
+
+def _check_frame_size(ds: Any, rows: int, cols: int, source: str, limits: Limits) -> None:
+    """Before decoding: the bytes of one frame, and a compressed frame's own header."""
+    spp = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 0)
+    if spp not in (1, 3, 4):
+        raise DecodeError(source, f"DICOM SamplesPerPixel is {spp}; expected 1 (gray) or 3 (colour)")
+    if bits < 1 or bits > 64:
+        raise DecodeError(source, f"DICOM BitsAllocated is {bits}; expected 1, 8, 16, 32 or 64")
+    frame_bytes = rows * cols * spp * ((bits + 7) // 8)
+    if frame_bytes > 8 * limits.max_pixels:
+        raise ImageTooLargeError(
+            source, f"one {rows}x{cols}x{spp} frame of {bits}-bit samples is {frame_bytes} bytes, over "
+            f"8 x limits.max_pixels = {8 * limits.max_pixels}",
+        )
+    ts = _transfer_syntax(ds)
+    if ts is None or not ts.is_encapsulated or "PixelData" not in ds:
+        return
+    uid = str(ts)
+    kind = "jpeg" if uid in _JPEG_TS else "jpeg-ls" if uid in _JPEG_LS_TS else "j2k" if uid in _J2K_TS else None
+    if kind is None:  # RLE and others: the decoder sizes its output from Rows/Columns, checked above
+        return
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames") or 1))
+    except Exception as exc:
+        raise DecodeError(source, f"cannot extract compressed frame 0 ({ts.name}): {exc}") from exc
+    size = codestream_size(frame, kind)
+    if size is None:
+        raise DecodeError(source, f"compressed frame 0 has no {ts.name} frame header; the pixel data is corrupt")
+    h, w, ncomp = size
+    if h * w > limits.max_pixels:
+        raise ImageTooLargeError(
+            source, f"compressed frame 0 declares {h}x{w} = {h * w} pixels, over limits.max_pixels = "
+            f"{limits.max_pixels}",
+        )
+    if h == 0 and kind == "jpeg":  # decoders grow their buffers without bound waiting for the DNL
+        raise UnsupportedFormatError(source, "a JPEG frame whose height is set by a DNL marker is not supported")
+    if (h, w) != (rows, cols):
+        raise DecodeError(
+            source, f"compressed frame 0 is {h}x{w} but the DICOM header says Rows x Columns = {rows}x{cols}"
+        )
+    if ncomp not in (1, 3, 4):
+        raise DecodeError(source, f"compressed frame 0 has {ncomp} components; expected 1 or 3")
+    if kind == "jpeg" and bytes(frame).count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise ImageTooLargeError(source, f"compressed frame 0 has more than {MAX_JPEG_SCANS} JPEG scans: "
+                                 "refused as a scan bomb")
 
 
 def load_dicom(
@@ -76,12 +178,14 @@ def load_dicom(
         raise ImageTooLargeError(
             source, f"{rows}x{cols} = {rows * cols} pixels exceeds limits.max_pixels = {limits.max_pixels}"
         )
+    _check_frame_size(ds, rows, cols, source, limits)
     n_frames = int(ds.get("NumberOfFrames") or 1)
     if n_frames > 1:
         warnings_.append(f"multi-frame DICOM ({n_frames} frames): only frame 0 is read")
     view = _frame0_view(ds)
 
     stored = _decode_frame0(ds, source, warnings_)
+    _warn_excess_native_bytes(ds, rows, cols, n_frames, warnings_)
     if stored.shape[:2] != (rows, cols):
         raise DecodeError(source, f"decoded frame is {stored.shape[:2]}, the header says {(rows, cols)}")
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
@@ -97,6 +201,7 @@ def load_dicom(
     else:
         pixels, vrange = _colour_to_gray(stored, ds, photometric, source)
         warnings_.append(f"colour DICOM ({photometric}) converted to gray by luminance")
+    _check_finite(pixels, vrange, view, source)
     for w in warnings_:
         logger.debug("%s: %s", source, w)
     return LoadedImage(
@@ -109,7 +214,36 @@ def load_dicom(
         value_range=vrange,
         meta=meta,
         warnings=warnings_,
+        limits=limits,
     )
+
+
+def _check_finite(pixels: np.ndarray, vrange: tuple[float, float], view: Any, source: str) -> None:
+    """DecodeError when the Modality/VOI attributes (NaN, inf, 1e308...) made values non-finite."""
+    lo, hi = float(vrange[0]), float(vrange[1])
+    ok = np.isfinite(lo) and np.isfinite(hi) and hi > lo
+    if ok and pixels.dtype.kind == "f":
+        ok = bool(np.isfinite(pixels).all())
+    if not ok:
+        attrs = ", ".join(f"{k}={view.get(k)!s}" for k in ("RescaleSlope", "RescaleIntercept", "WindowCenter",
+                                                             "WindowWidth") if view.get(k) is not None)
+        raise DecodeError(source, f"the Modality/VOI LUT attributes give non-finite gray values ({attrs or 'none'}; "
+                          f"value range {lo:g}..{hi:g})")
+
+
+def _warn_excess_native_bytes(ds: Any, rows: int, cols: int, n_frames: int, warnings_: list[str]) -> None:
+    """Native PixelData longer than its header says (e.g. Rows too small): read, with a warning."""
+    ts = _transfer_syntax(ds)
+    bits = int(ds.get("BitsAllocated") or 0)
+    if (ts is not None and ts.is_encapsulated) or "PixelData" not in ds or bits % 8:
+        return
+    want = rows * cols * int(ds.get("SamplesPerPixel") or 1) * (bits // 8) * max(1, n_frames)
+    have = len(ds.PixelData)
+    if have > want + 1:  # +1: the pad byte that makes a value even
+        warnings_.append(
+            f"PixelData holds {have} bytes, more than Rows x Columns x samples x frames needs ({want}); "
+            "the header may be wrong; read as the header says"
+        )
 
 
 def encapsulated_frame(ds: Any, index: int = 0) -> tuple[bytes, str]:
@@ -193,7 +327,7 @@ def _frame0_view(ds: Any) -> Any:
 
 def _decode_frame0(ds: Any, source: str, warnings_: list[str]) -> np.ndarray:
     from pydicom.pixels import get_decoder, pixel_array
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGExtended12Bit
 
     ts = _transfer_syntax(ds)
     if ts is None:  # an in-memory Dataset: assume native little endian, as pydicom would write it
@@ -208,22 +342,27 @@ def _decode_frame0(ds: Any, source: str, warnings_: list[str]) -> np.ndarray:
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
         raise UnsupportedFormatError(source, f"decoding {ts.name} needs one of: {missing}")
-    try:
-        arr = pixel_array(ds, index=0)
-    except Exception as exc:  # plugins raise RuntimeError/ValueError/...; never let one escape
-        fixed = _retry_sequential_jpeg(ds, ts, warnings_)
-        if fixed is None:
+    plugin = ""  # pydicom's order
+    if ts == JPEGExtended12Bit and int(ds.get("BitsStored") or 8) > 8 and "pylibjpeg" in decoder.available_plugins:
+        plugin = "pylibjpeg"  # Pillow cannot read 12-bit JPEG: trying it first logs an ERROR with a traceback
+    # a sequential JPEG frame that says Se = 0 is patched before the first attempt: a strict
+    # decoder would fail on it first, and pydicom logs each failure as an ERROR with a traceback
+    arr = _retry_sequential_jpeg(ds, ts, warnings_, plugin)
+    if arr is None:
+        try:
+            arr = pixel_array(ds, index=0, decoding_plugin=plugin)
+        except Exception as exc:  # plugins raise RuntimeError/ValueError/...; never let one escape
             first = str(exc).strip().splitlines()
             detail = " ".join(s.strip() for s in first[:3])
             raise DecodeError(source, f"cannot decode the {ts.name} pixel data: {detail}") from exc
-        arr = fixed
     if arr.dtype.kind == "f":
         arr = arr.astype(np.float32)
     return arr
 
 
-def _retry_sequential_jpeg(ds: Any, ts: Any, warnings_: list[str]) -> np.ndarray | None:
-    """Decode again with the SOS 'Se' byte set to 63 when a sequential JPEG says Se = 0."""
+def _retry_sequential_jpeg(ds: Any, ts: Any, warnings_: list[str], plugin: str = "") -> np.ndarray | None:
+    """Decode with the SOS 'Se' byte set to 63 when a sequential JPEG frame says Se = 0; None when
+    the frame does not need it (or the patched frame does not decode either)."""
     from pydicom.dataelem import DataElement
     from pydicom.encaps import encapsulate, get_frame
     from pydicom.pixels import pixel_array
@@ -242,7 +381,7 @@ def _retry_sequential_jpeg(ds: Any, ts: Any, warnings_: list[str]) -> np.ndarray
     tmp[0x7FE00010] = DataElement(0x7FE00010, "OB", encapsulate([patched]))
     tmp[0x00280008] = DataElement(0x00280008, "IS", 1)
     try:
-        arr = pixel_array(tmp, index=0)
+        arr = pixel_array(tmp, index=0, decoding_plugin=plugin)
     except Exception:
         return None
     warnings_.append("non-conformant JPEG scan header (Se = 0 in a sequential scan) read as Se = 63")

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cxrkit.config import Limits
 from cxrkit.errors import DecodeError, ImageTooLargeError, InputError, UnsupportedFormatError
+from cxrkit.io.deadline import call_with_deadline
 
-__all__ = ["LoadedImage", "decode_pixels", "luminance_u8", "luminance_float"]
+__all__ = ["LoadedImage", "decode_pixels", "header_value_range", "luminance_u8", "luminance_float"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class LoadedImage:
     value_range: pixel values mapping to 0.0 and 1.0 at normalization.
     meta: pixel_spacing_mm (row, col), DICOM tags, png_color_type, bit_depth, jpeg_process...
     warnings: human-readable notes on what was assumed or changed for this item.
+    limits: the limits it was read under; ``decode_pixels`` applies ``decode_timeout_s`` and
+        ``max_pixels`` from here (not part of equality or repr).
     """
 
     source: str
@@ -49,6 +53,7 @@ class LoadedImage:
     value_range: tuple[float, float]
     meta: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits, repr=False, compare=False)
 
     @property
     def dali_decodable(self) -> bool:
@@ -100,21 +105,42 @@ def luminance_float(rgb: np.ndarray) -> np.ndarray:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error, zlib.error)
 
 
+def header_value_range(meta: dict) -> tuple[float, float]:
+    """The value range ``load_item`` gives an encoded JPEG/PNG from its header: (0, 2**bits - 1),
+    with 8 bits for 1/2/4-bit PNG (Pillow scales those to 0..255)."""
+    bits = int(meta.get("bit_depth") or 8)
+    return (0.0, 255.0 if bits <= 8 else float(2**bits - 1))
+
+
 def decode_pixels(img: LoadedImage) -> LoadedImage:
     """Decode ``img.encoded`` (JPEG/PNG) into gray ``pixels``; returns a new LoadedImage.
 
-    ``encoded`` is kept. 8-bit data -> uint8, value_range (0, 255). 16-bit PNG -> uint16,
-    value_range (0, 65535), full precision (16-bit RGB/RGBA luminance computed in numpy).
-    12-bit and lossless JPEG are decoded with pylibjpeg-libjpeg when installed (Pillow reads
-    8-bit JPEG only). An image that already has pixels is returned unchanged.
-    Raises ``DecodeError`` (naming the source) for corrupt or truncated data.
+    ``encoded`` is kept. 8-bit data -> uint8, 16-bit PNG -> uint16 (full precision, 16-bit RGB/RGBA
+    luminance computed in numpy). 12-bit and lossless JPEG are decoded with pylibjpeg-libjpeg when
+    installed (Pillow reads 8-bit JPEG only). An image that already has pixels is returned unchanged.
+
+    ``value_range`` is kept as it was (a window set on the encoded item survives), unless decoding
+    changes what the values mean, e.g. a 16-bit colour PNG that this Pillow can only read at 8
+    bits: then a header-default range becomes the decoded data's range and a custom window is
+    rescaled with it, with a warning.
+
+    Limits (``img.limits``): the header size is checked against ``max_pixels`` before decoding, and
+    the decode runs under ``decode_timeout_s`` (see ``cxrkit.io.deadline``).
+    Raises ``DecodeError`` (naming the source) for corrupt, truncated or too-slow data,
+    ``ImageTooLargeError`` over a limit.
     """
     if img.pixels is not None:
         return img
     if img.encoded is None:
         raise DecodeError(img.source, "nothing to decode: the item has neither pixels nor encoded bytes")
+    limits = img.limits
+    h, w = (int(v) for v in img.image_size)
+    if h * w > limits.max_pixels:
+        raise ImageTooLargeError(
+            img.source, f"{h}x{w} = {h * w} pixels exceeds limits.max_pixels = {limits.max_pixels}"
+        )
     try:
-        return _decode(img)
+        return call_with_deadline(lambda: _decode(img), limits.decode_timeout_s, img.source)
     except InputError:
         raise
     except MemoryError as exc:
@@ -138,7 +164,28 @@ def _decode(img: LoadedImage) -> LoadedImage:
         raise DecodeError(
             img.source, f"decoded size {pixels.shape} differs from the header size {tuple(img.image_size)}"
         )
+    vrange = _carry_value_range(img, vrange, warnings_)
     return dataclasses.replace(img, pixels=pixels, value_range=vrange, warnings=warnings_, meta=dict(img.meta))
+
+
+def _carry_value_range(img: LoadedImage, decoded: tuple[float, float], warnings_: list[str]) -> tuple[float, float]:
+    """The value range after decoding: ``img.value_range`` unless decoding changed the scale."""
+    header = header_value_range(img.meta)
+    current = (float(img.value_range[0]), float(img.value_range[1]))
+    decoded = (float(decoded[0]), float(decoded[1]))
+    if decoded == header:
+        return current  # same scale as the header promised: the item's window stands
+    if current == header:
+        return decoded  # the default window follows the decoded scale
+    if header[1] > header[0] and decoded[1] > decoded[0]:  # a custom window on a changed scale
+        k = (decoded[1] - decoded[0]) / (header[1] - header[0])
+        new = (decoded[0] + (current[0] - header[0]) * k, decoded[0] + (current[1] - header[0]) * k)
+        warnings_.append(
+            f"value_range {current} is on the header's 0..{header[1]:g} scale; the pixels decoded on "
+            f"0..{decoded[1]:g}, so it was rescaled to {new}"
+        )
+        return new
+    return decoded
 
 
 def _open(img: LoadedImage):

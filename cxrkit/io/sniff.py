@@ -15,12 +15,25 @@ import struct
 
 from cxrkit.errors import DecodeError, UnsupportedFormatError
 
-__all__ = ["sniff", "png_header", "jpeg_header", "patch_sequential_scan_end", "SNIFF_BYTES"]
+__all__ = [
+    "sniff",
+    "png_header",
+    "jpeg_header",
+    "codestream_size",
+    "patch_sequential_scan_end",
+    "SNIFF_BYTES",
+    "MAX_JPEG_SCANS",
+]
 
 logger = logging.getLogger(__name__)
 
 #: How many leading bytes ``sniff`` needs to decide (DICOM preamble + "DICM" + a little more).
 SNIFF_BYTES = 512
+
+#: More scans than this in one JPEG is refused as a scan bomb: each progressive scan costs a pass
+#: over every block, so a few bytes per scan can keep a decoder busy for hours. Real progressive
+#: JPEGs have about 10 scans; libjpeg-turbo suggests a limit of 500 for untrusted input.
+MAX_JPEG_SCANS = 500
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -193,7 +206,8 @@ def jpeg_header(data: bytes, *, source: str = "") -> tuple[tuple[int, int], dict
 
     Returns ``((h, w), meta)`` with meta keys ``jpeg_process`` (e.g. "baseline", "progressive",
     "lossless"), ``bit_depth`` (sample precision), ``components``, ``adobe_transform``
-    (APP14 colour transform flag or None) and ``exif_orientation`` (EXIF tag 0x0112 or None;
+    (APP14 colour transform flag or None), ``jpeg_scans`` (number of SOS markers) and
+    ``exif_orientation`` (EXIF tag 0x0112 or None;
     recorded, not applied: (h, w) and the decoded pixels are in stored order). Raises ``DecodeError`` if no frame header is found.
     """
     n = len(data)
@@ -239,6 +253,7 @@ def jpeg_header(data: bytes, *, source: str = "") -> tuple[tuple[int, int], dict
                 "components": int(ncomp),
                 "adobe_transform": adobe_transform,
                 "exif_orientation": exif_orientation,
+                "jpeg_scans": bytes(data).count(b"\xff\xda"),  # SOS markers (0xFF is stuffed in scan data)
             }
             return (int(h), int(w)), meta
         pos += seg_len
@@ -261,6 +276,57 @@ def _exif_orientation(tiff: bytes) -> int | None:
         tag, typ, _, value = struct.unpack_from(end + "HHIH", tiff, off)
         if tag == 0x0112 and typ == 3:
             return int(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed DICOM frames: the codestream's own size, checked before a decoder allocates for it
+# ---------------------------------------------------------------------------------------------
+
+#: How far into a frame to look for the JPEG 2000 SIZ marker (a JP2 wrapper puts boxes before it).
+_J2K_SEARCH_BYTES = 1 << 16
+
+
+def codestream_size(data: bytes, kind: str) -> tuple[int, int, int] | None:
+    """``(h, w, components)`` from the header of a compressed frame, without decoding it.
+
+    kind: ``"jpeg"`` (JPEG baseline/extended/lossless: SOF0..SOF15), ``"jpeg-ls"`` (SOF55) or
+    ``"j2k"`` (JPEG 2000 / HTJ2K: SIZ). Returns None when no frame header is found; a decoder
+    would fail on such a frame too. ``h`` is 0 when a JPEG defers its height to a DNL marker.
+    """
+    if kind == "j2k":
+        at = bytes(data[:_J2K_SEARCH_BYTES]).find(b"\xff\x4f\xff\x51")  # SOC then SIZ
+        if at < 0 or at + 4 + 38 > len(data):
+            return None
+        xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, at + 8)
+        (csiz,) = struct.unpack_from(">H", data, at + 4 + 36)
+        return max(0, ysiz - yosiz), max(0, xsiz - xosiz), int(csiz)
+    sofs = {0xF7} if kind == "jpeg-ls" else set(_SOF_PROCESS)
+    n, pos = len(data), 2
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        while pos < n and data[pos] == 0xFF:
+            pos += 1
+        if pos >= n:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue
+        if marker in (0xD9, 0xDA) or pos + 2 > n:
+            return None
+        (seg_len,) = struct.unpack_from(">H", data, pos)
+        if seg_len < 2:
+            return None
+        if marker in sofs:
+            if pos + 2 + 6 > n:
+                return None
+            _, h, w, ncomp = struct.unpack_from(">BHHB", data, pos + 2)
+            return int(h), int(w), int(ncomp)
+        pos += seg_len
     return None
 
 

@@ -2,7 +2,9 @@
 
 Every failure is an ``InputError`` subclass naming the item; nothing else escapes ``load_item``.
 Size limits are checked before decoding: file bytes against ``limits.max_file_bytes``, and
-h * w from the JPEG/PNG/DICOM header against ``limits.max_pixels``.
+h * w from the JPEG/PNG/DICOM header (and from a compressed DICOM frame's own codestream header)
+against ``limits.max_pixels``. Reading a DICOM (parse + frame decode) runs under
+``limits.decode_timeout_s``; JPEG/PNG bytes stay encoded and carry ``limits`` to ``decode_pixels``.
 
 Arrays are not copied when already contiguous. Their value range: uint8 (0, 255), uint16
 (0, 65535), float32 (0, 1) when all values lie in [0, 1], else (min, max) with a warning.
@@ -21,8 +23,9 @@ import numpy as np
 
 from cxrkit.config import Limits
 from cxrkit.errors import DecodeError, ImageTooLargeError, InputError, UnsupportedFormatError
-from cxrkit.io.image import LoadedImage, luminance_u8
-from cxrkit.io.sniff import SNIFF_BYTES, jpeg_header, png_header, sniff
+from cxrkit.io.deadline import call_with_deadline
+from cxrkit.io.image import LoadedImage, header_value_range, luminance_u8
+from cxrkit.io.sniff import MAX_JPEG_SCANS, SNIFF_BYTES, jpeg_header, png_header, sniff
 
 __all__ = ["load_item", "iter_sources", "describe_item", "Item"]
 
@@ -83,7 +86,10 @@ def _load(item: Item, source: str, index: int, limits: Limits, voi_window_index:
     if _is_dataset(item):
         from cxrkit.io.dicom import load_dicom
 
-        return load_dicom(item, source=source, index=index, limits=limits, voi_window_index=voi_window_index)
+        return call_with_deadline(
+            lambda: load_dicom(item, source=source, index=index, limits=limits, voi_window_index=voi_window_index),
+            limits.decode_timeout_s, source, "reading the DICOM",
+        )
     raise InputError(
         source,
         f"unsupported input type {type(item).__name__}; expected a path, bytes, a numpy array or a pydicom Dataset",
@@ -125,11 +131,24 @@ def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi_window
     if fmt == "dicom":
         from cxrkit.io.dicom import load_dicom, read_dataset
 
-        ds = read_dataset(data, source)
-        return load_dicom(ds, source=source, index=index, limits=limits, voi_window_index=voi_window_index)
+        def read() -> LoadedImage:
+            ds = read_dataset(data, source, limits)
+            return load_dicom(ds, source=source, index=index, limits=limits, voi_window_index=voi_window_index)
+
+        return call_with_deadline(read, limits.decode_timeout_s, source, "reading the DICOM")
     hw, meta = (png_header if fmt == "png" else jpeg_header)(data, source=source)
     _check_pixels(hw, source, limits)
-    hi = 255.0 if meta["bit_depth"] <= 8 else float(2 ** meta["bit_depth"] - 1)
+    if meta.get("jpeg_scans", 0) > MAX_JPEG_SCANS:
+        raise ImageTooLargeError(
+            source, f"JPEG with {meta['jpeg_scans']} scans (more than {MAX_JPEG_SCANS}): refused as a scan bomb"
+        )
+    warnings_: list[str] = []
+    orientation = meta.get("exif_orientation")
+    if orientation not in (None, 1):
+        warnings_.append(
+            f"EXIF Orientation {orientation} is recorded, not applied: the image is read, and its boxes are "
+            "reported, in the stored pixel order"
+        )
     return LoadedImage(
         source=source,
         index=index,
@@ -137,9 +156,10 @@ def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi_window
         image_size=hw,
         encoded=data,
         pixels=None,
-        value_range=(0.0, hi),
+        value_range=header_value_range(meta),
         meta=meta,
-        warnings=[],
+        warnings=warnings_,
+        limits=limits,
     )
 
 
@@ -153,14 +173,14 @@ def _load_array(arr: np.ndarray, source: str, index: int, limits: Limits) -> Loa
         _check_pixels(arr.shape[:2], source, limits)
         pixels = luminance_u8(arr)
         warnings_ = [f"RGB{'A' if arr.shape[-1] == 4 else ''} array converted to gray by luminance"]
-        return _array_image(source, index, pixels, (0.0, 255.0), warnings_)
+        return _array_image(source, index, pixels, (0.0, 255.0), warnings_, limits)
     if arr.ndim != 2:
         raise InputError(source, f"array of shape {tuple(arr.shape)}; {expected}")
     _check_pixels(arr.shape, source, limits)
     kind, size = arr.dtype.kind, arr.dtype.itemsize
     if kind == "u" and size in (1, 2):
         pixels = np.ascontiguousarray(arr, dtype=np.uint8 if size == 1 else np.uint16)  # also fixes byte order
-        return _array_image(source, index, pixels, (0.0, 255.0 if size == 1 else 65535.0), [])
+        return _array_image(source, index, pixels, (0.0, 255.0 if size == 1 else 65535.0), [], limits)
     if kind == "f" and size == 4:
         pixels = np.ascontiguousarray(arr, dtype=np.float32)
         finite = np.isfinite(pixels)
@@ -169,14 +189,16 @@ def _load_array(arr: np.ndarray, source: str, index: int, limits: Limits) -> Loa
             raise InputError(source, f"float array has {bad} NaN/inf values")
         lo, hi = float(pixels.min()), float(pixels.max())
         if lo >= 0.0 and hi <= 1.0:
-            return _array_image(source, index, pixels, (0.0, 1.0), [])
+            return _array_image(source, index, pixels, (0.0, 1.0), [], limits)
         w = [f"float32 values span [{lo:g}, {hi:g}], outside [0, 1]; normalized by the image min/max"]
-        return _array_image(source, index, pixels, (lo, hi if hi > lo else lo + 1.0), w)
+        return _array_image(source, index, pixels, (lo, hi if hi > lo else lo + 1.0), w, limits)
     hint = " (use arr.astype(np.float32))" if kind in "fi" else ""
     raise InputError(source, f"unsupported array dtype {arr.dtype}{hint}; {expected}")
 
 
-def _array_image(source: str, index: int, pixels: np.ndarray, vrange: tuple[float, float], w: list[str]) -> LoadedImage:
+def _array_image(
+    source: str, index: int, pixels: np.ndarray, vrange: tuple[float, float], w: list[str], limits: Limits
+) -> LoadedImage:
     return LoadedImage(
         source=source,
         index=index,
@@ -187,6 +209,7 @@ def _array_image(source: str, index: int, pixels: np.ndarray, vrange: tuple[floa
         value_range=vrange,
         meta={},
         warnings=w,
+        limits=limits,
     )
 
 
