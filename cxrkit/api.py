@@ -183,7 +183,8 @@ class Detector:
 
         t0 = time.perf_counter()
         try:
-            img = load_item(item, index, limits=self.limits, voi_window_index=self.voi_window_index)
+            img = load_item(item, index, limits=self.limits, voi_window_index=self.voi_window_index,
+                            keep_j2k_frame=self.device is Device.CUDA)
         except InputError as e:
             return None, e, (time.perf_counter() - t0) * 1e3
         except Exception as e:  # a decoder bug must never take the batch down

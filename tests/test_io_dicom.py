@@ -406,3 +406,20 @@ def test_in_memory_dataset_without_transfer_syntax() -> None:
     np.testing.assert_array_equal(img.pixels[0], [1, 2, 3])
     assert any("Transfer Syntax" in w for w in img.warnings)
     assert "TransferSyntaxUID" not in ds.file_meta  # the caller's dataset is untouched
+
+
+def test_keep_j2k_frame_attaches_codestream_and_stored_range(shared_data):
+    """For the GPU decoder: JPEG 2000 frame bytes and the stored-unit range ride along with the pixels."""
+    from cxrkit.io import load_item
+    from cxrkit.io.dicom_j2k import is_encoded_j2k
+
+    path = shared_data / "dicom" / "nema-rg1" / "RG1_J2KR.dcm"
+    plain = load_item(str(path), 0)
+    kept = load_item(str(path), 0, keep_j2k_frame=True)
+    assert not is_encoded_j2k(plain) and is_encoded_j2k(kept)
+    assert kept.encoded[:4] in (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0c")  # J2K codestream or JP2 box
+    assert np.array_equal(kept.pixels, plain.pixels) and kept.value_range == plain.value_range
+    lo, hi = kept.meta["linear_stored_range"]
+    assert lo != hi
+    unc = load_item(str(shared_data / "dicom" / "nema-rg1" / "RG1_UNCR.dcm"), 0, keep_j2k_frame=True)
+    assert not is_encoded_j2k(unc)  # not JPEG 2000: nothing attached

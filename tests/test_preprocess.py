@@ -471,7 +471,7 @@ def test_gpu_handover_and_j2k_dicom(shared_data):
     value range) against the reference on io's pixels."""
     torch = pytest.importorskip("torch")
     pydicom = pytest.importorskip("pydicom")
-    from cxrkit.preprocess.dicom_j2k import attach_j2k_frame, is_encoded_j2k
+    from cxrkit.io.dicom_j2k import attach_j2k_frame, is_encoded_j2k
 
     imgs, tols, refs = [], [], []
     for name, data, fmt, tol in _encoded_cases()[:6]:

@@ -21,7 +21,7 @@ import pytest
 from cxrkit.io import load_item
 from cxrkit.io.lut import to_display
 from cxrkit.preprocess import Preprocessor, preprocess_reference
-from cxrkit.preprocess.dicom_j2k import attach_j2k_frame, is_encoded_j2k, linear_stored_range
+from cxrkit.io.dicom_j2k import attach_j2k_frame, is_encoded_j2k, linear_stored_range
 
 pydicom = pytest.importorskip("pydicom")
 

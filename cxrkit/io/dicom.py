@@ -156,7 +156,8 @@ def _check_frame_size(ds: Any, rows: int, cols: int, source: str, limits: Limits
 
 
 def load_dicom(
-    ds: Any, *, source: str, index: int, limits: Limits = Limits(), voi_window_index: int = 0
+    ds: Any, *, source: str, index: int, limits: Limits = Limits(), voi_window_index: int = 0,
+    keep_j2k_frame: bool = False,
 ) -> LoadedImage:
     """Check a Dataset, decode frame 0 and map it to bone-bright gray (see module docstring)."""
     warnings_: list[str] = []
@@ -204,7 +205,7 @@ def load_dicom(
     _check_finite(pixels, vrange, view, source)
     for w in warnings_:
         logger.debug("%s: %s", source, w)
-    return LoadedImage(
+    img = LoadedImage(
         source=source,
         index=index,
         format="dicom",
@@ -216,6 +217,11 @@ def load_dicom(
         warnings=warnings_,
         limits=limits,
     )
+    if keep_j2k_frame:
+        from cxrkit.io.dicom_j2k import attach_j2k_frame
+
+        img = attach_j2k_frame(img, ds, voi_window_index)
+    return img
 
 
 def _check_finite(pixels: np.ndarray, vrange: tuple[float, float], view: Any, source: str) -> None:

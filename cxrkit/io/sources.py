@@ -54,16 +54,19 @@ def _is_dataset(item: Any) -> bool:
     return pydicom is not None and isinstance(item, pydicom.Dataset)
 
 
-def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_index: int = 0) -> LoadedImage:
+def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_index: int = 0,
+              keep_j2k_frame: bool = False) -> LoadedImage:
     """Read one input item; JPEG/PNG stay encoded (header parsed), DICOM and arrays are decoded.
 
     item: a path (str / os.PathLike), bytes-like file content, a numpy array (2-D uint8 / uint16 /
     float32, or (h, w, 3|4) uint8 RGB(A)), or a pydicom Dataset. ``index`` is the item's position
-    in the caller's list. Raises only ``InputError`` subclasses.
+    in the caller's list. Raises only ``InputError`` subclasses. ``keep_j2k_frame``: a JPEG 2000
+    DICOM with a linear gray mapping also carries its frame bytes and stored-unit range for the
+    GPU decoder (cxrkit.io.dicom_j2k); its CPU-decoded pixels stay as they are.
     """
     source = describe_item(item, index)
     try:
-        return _load(item, source, index, limits, voi_window_index)
+        return _load(item, source, index, limits, (voi_window_index, keep_j2k_frame))
     except InputError:
         raise
     except MemoryError as exc:
@@ -73,21 +76,22 @@ def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_i
         raise DecodeError(source, f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
-def _load(item: Item, source: str, index: int, limits: Limits, voi_window_index: int) -> LoadedImage:
+def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, bool]) -> LoadedImage:
     if isinstance(item, (str, os.PathLike)):
         data = _read_file(Path(os.fspath(item)), source, limits)
-        return _load_bytes(data, source, index, limits, voi_window_index)
+        return _load_bytes(data, source, index, limits, voi)
     if isinstance(item, (bytes, bytearray, memoryview)):
         _check_file_bytes(memoryview(item).nbytes, source, limits)  # before copying a large buffer
         data = bytes(item)
-        return _load_bytes(data, source, index, limits, voi_window_index)
+        return _load_bytes(data, source, index, limits, voi)
     if isinstance(item, np.ndarray):
         return _load_array(item, source, index, limits)
     if _is_dataset(item):
         from cxrkit.io.dicom import load_dicom
 
         return call_with_deadline(
-            lambda: load_dicom(item, source=source, index=index, limits=limits, voi_window_index=voi_window_index),
+            lambda: load_dicom(item, source=source, index=index, limits=limits, voi_window_index=voi[0],
+                               keep_j2k_frame=voi[1]),
             limits.decode_timeout_s, source, "reading the DICOM",
         )
     raise InputError(
@@ -125,7 +129,7 @@ def _check_pixels(hw: tuple[int, int], source: str, limits: Limits) -> None:
         )
 
 
-def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi_window_index: int) -> LoadedImage:
+def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi: tuple[int, bool]) -> LoadedImage:
     _check_file_bytes(len(data), source, limits)
     fmt = sniff(data, source=source)
     if fmt == "dicom":
@@ -133,7 +137,8 @@ def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi_window
 
         def read() -> LoadedImage:
             ds = read_dataset(data, source, limits)
-            return load_dicom(ds, source=source, index=index, limits=limits, voi_window_index=voi_window_index)
+            return load_dicom(ds, source=source, index=index, limits=limits, voi_window_index=voi[0],
+                              keep_j2k_frame=voi[1])
 
         return call_with_deadline(read, limits.decode_timeout_s, source, "reading the DICOM")
     hw, meta = (png_header if fmt == "png" else jpeg_header)(data, source=source)

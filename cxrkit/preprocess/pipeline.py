@@ -48,7 +48,7 @@ import numpy as np
 from cxrkit.config import Device, device_index
 from cxrkit.errors import BackendUnavailableError, DecodeError, InputError
 from cxrkit.preprocess._blas import blas_single_thread
-from cxrkit.preprocess.dicom_j2k import is_encoded_j2k
+from cxrkit.io.dicom_j2k import is_encoded_j2k
 from cxrkit.preprocess.letterbox import LetterboxTransform, letterbox_geometry
 from cxrkit.preprocess.reference import (
     check_value_range,

@@ -102,7 +102,7 @@ def linear_stored_range(ds: Any, voi_window_index: int = 0) -> tuple[float, floa
 def attach_j2k_frame(img: Any, ds: Any, voi_window_index: int = 0) -> Any:
     """``img`` (io's LoadedImage of ``ds``) with its JPEG 2000 frame 0 as ``encoded`` and
     ``meta["linear_stored_range"]``, ready for the GPU decoder; ``img`` itself if the DICOM is not
-    single-frame-usable JPEG 2000 with a linear mapping. Stand-in until cxrkit.io provides it."""
+    single-frame-usable JPEG 2000 with a linear mapping. Used by cxrkit.io.load_item(keep_j2k_frame=True)."""
     from cxrkit.errors import InputError
     from cxrkit.io import encapsulated_frame
 
