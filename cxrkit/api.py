@@ -116,6 +116,7 @@ class Detector:
         self._lock = threading.Lock()  # runner + post-processing
         self._pre_lock = threading.Lock()  # preprocessing pipelines
         self._closed = False
+        self._oom_step: int | None = None  # slice size that fit after an out-of-memory retry
         self._thresholds = self.card.thresholds  # (K,)
         self._heat_thresholds = self.card.heatmap_thresholds  # (K,)
         self._enabled = self.card.enabled  # (K,)
@@ -254,8 +255,9 @@ class Detector:
         ok, pre, errors = prep.ok, prep.pre, prep.errors
         results: dict[int, dict[str, Any]] = {}
         infer_ms = post_ms = 0.0
-        # run in slices; a device out-of-memory halves the slice and retries before failing items
-        start, step = 0, len(ok)
+        # run in slices; a device out-of-memory halves the slice and retries before failing items,
+        # and later batches start from the slice size that last worked
+        start, step = 0, min(len(ok), self._oom_step or len(ok))
         while start < len(ok):
             stop = min(len(ok), start + step)
             ti = time.perf_counter()
@@ -270,6 +272,7 @@ class Detector:
                     start = stop
                 else:
                     step = max(1, step // 2)
+                    self._oom_step = step
                     log.warning("out of memory at batch %d; retrying with batches of %d", stop - start, step)
                 continue
             te = time.perf_counter()

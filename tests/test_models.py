@@ -73,3 +73,12 @@ def test_not_json(tmp_path):
     (d / "card.json").write_text("{not json")
     with pytest.raises(ModelCardError, match="cannot read"):
         load_model_package(d)
+
+
+def test_card_refuses_pickle_weight_files(tmp_path):
+    d = _copy_probe(tmp_path)
+    card = json.loads((d / "card.json").read_text())
+    card["files"]["weights"] = "weights.pt"
+    (d / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match=r"files/weights.*safetensors"):
+        load_model_package(d)

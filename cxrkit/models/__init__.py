@@ -46,7 +46,12 @@ CARD_SCHEMA: dict[str, Any] = {
         "enabled": {"type": "object", "additionalProperties": {"type": "boolean"}},
         "files": {
             "type": "object",
-            "properties": {"onnx": {"type": "string"}, "weights": {"type": "string"}},
+            "properties": {
+                "weights": {"type": "string", "pattern": "\\.safetensors$"},
+                "onnx": {"type": "string", "pattern": "\\.onnx$"},
+                "onnx_fp16": {"type": "string", "pattern": "\\.onnx$"},
+                "onnx_int8": {"type": "string", "pattern": "\\.onnx$"},
+            },
             "minProperties": 1,
         },
         "sha256": {"type": "object", "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
