@@ -75,6 +75,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def _validate(card: Mapping[str, Any], where: str) -> None:
     import jsonschema
 
+    files = card.get("files") if isinstance(card, Mapping) else None
+    if isinstance(files, Mapping):
+        w = files.get("weights")
+        if isinstance(w, str) and not w.endswith(".safetensors"):
+            raise ModelCardError(f"{where}: files/weights {w!r} must be a .safetensors file "
+                                 "(pickled checkpoints are not loaded)")
     v = jsonschema.Draft202012Validator(CARD_SCHEMA)
     errs = sorted(v.iter_errors(card), key=lambda e: list(e.path))
     if errs:
