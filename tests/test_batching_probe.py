@@ -14,34 +14,7 @@ import pytest
 import cxrkit
 from cxrkit.batching import BatchingDetector
 
-# The probe's finding k fires on flat squares of unit intensity 0.25 + 0.1 k (cxrkit/nets/probe.py).
-PROBE_LEVELS_U8 = [round((0.25 + 0.1 * k) * 255) for k in range(6)]
-
-
-def probe_image(h: int, w: int, levels: list[int], seed: int) -> np.ndarray:
-    """Dark background, one bright flat square per level, 1/4 of the short side wide."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((h, w), np.uint8)
-    side = min(h, w) // 4
-    for j, lv in enumerate(levels):
-        y = int(rng.integers(0, h - side))
-        x = (j * (w - side)) // max(1, len(levels) - 1) if len(levels) > 1 else int(rng.integers(0, w - side))
-        img[y:y + side, x:x + side] = lv
-    return img
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def strip_timings(d: dict) -> dict:
-    d = dict(d)
-    d.pop("timings_ms", None)
-    return d
+from probe_images import PROBE_LEVELS_U8, png_bytes, probe_image, strip_timings
 
 
 @pytest.fixture(scope="module")

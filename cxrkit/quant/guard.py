@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AccuracyGuardError
+from ..eval import auroc
 from ..models import ModelPackage
 
 __all__ = ["GuardReport", "compare", "enforce", "auroc", "run_graph", "MAX_AUROC_DROP", "MIN_AGREEMENT"]
@@ -57,27 +58,6 @@ class GuardReport:
         p = Path(path)
         p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return p
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Area under the ROC curve (rank statistic, ties counted half); None with one class only."""
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    sorted_s = s[order]
-    # average ranks of ties
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
