@@ -38,7 +38,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Iterable
 
-from .errors import BackendError, CxrkitError, InputError, QueueFullError
+from .errors import BackendError, BatchFailedError, DetectorClosedError, InputError, QueueFullError
 from .models import ModelPackage
 from .results import Prediction
 
@@ -47,14 +47,6 @@ __all__ = ["BatchingDetector", "BatchFailedError", "DetectorClosedError"]
 log = logging.getLogger(__name__)
 
 _SINGLE = (str, bytes, bytearray, memoryview, os.PathLike)
-
-
-class BatchFailedError(BackendError):
-    """The detector raised for a whole batch; ``__cause__`` is its exception."""
-
-
-class DetectorClosedError(CxrkitError, RuntimeError):
-    """The BatchingDetector was closed before (or while) this request could run."""
 
 
 @dataclasses.dataclass

@@ -20,6 +20,8 @@ __all__ = [
     "OutOfMemoryError",
     "AccuracyGuardError",
     "QueueFullError",
+    "BatchFailedError",
+    "DetectorClosedError",
 ]
 
 
@@ -81,3 +83,11 @@ class AccuracyGuardError(CxrkitError, RuntimeError):
 
 class QueueFullError(CxrkitError, RuntimeError):
     """A bounded request queue is full (back-pressure)."""
+
+
+class BatchFailedError(BackendError):
+    """The detector raised for a whole micro-batch; ``__cause__`` is its exception."""
+
+
+class DetectorClosedError(CxrkitError, RuntimeError):
+    """A (Batching)Detector was closed before (or while) this request could run."""
