@@ -131,3 +131,24 @@ def test_prediction_fields(det):
     f = p.findings["nodule"]
     assert f.boxes_xyxy.dtype == np.float32 and f.boxes_xyxy.shape == (1, 4)
     assert f.box_scores.shape == (1,) and f.points_xy.shape == (1, 2)
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("fmt", ["jpeg", "png8", "png16", "u16", "dicom"])
+def test_dali_cpu_path_gives_the_same_answers(det, fmt):
+    """The DALI pipeline (device="cpu") and the default native path agree: same boxes, same scores."""
+    rng = np.random.default_rng(200 + FORMATS.index(fmt))
+    inputs = []
+    for h, w in SIZES:
+        scale = min(256 / h, 256 / w)
+        inputs.append(encode(render(h, w, random_squares(rng, h, w, n=3, min_side=int(np.ceil(40 / scale)))), fmt))
+    with cxrkit.Detector.from_pretrained("cxr-probe", batch_size=4, preprocess="dali") as dd:
+        assert dd.preprocessor.backend == "dali"
+        pd = dd.predict(inputs)
+    pn = det.predict(inputs)
+    for a, b in zip(pd, pn):
+        assert a.error is None and b.error is None
+        for key in PROBE_LABELS:
+            fa, fb = a.findings[key], b.findings[key]
+            assert fa.positive == fb.positive and abs(fa.score - fb.score) < 1e-4
+            np.testing.assert_allclose(fa.boxes_xyxy, fb.boxes_xyxy, atol=1e-3)

@@ -300,6 +300,9 @@ def test_auto_backend_logs_once_without_dali(monkeypatch, caplog):
     monkeypatch.setattr(pipeline_mod, "dali_available", lambda: False)
     monkeypatch.setattr(pipeline_mod, "_warned_no_dali", False)
     with caplog.at_level(logging.WARNING, logger=pipeline_mod.__name__):
+        native = Preprocessor(HW, MEAN, STD, backend="auto")  # the CPU default needs no DALI: no warning
+        assert native.fast_resize == pipeline_mod._native_available()
+        monkeypatch.setattr(pipeline_mod, "_native_available", lambda: False)
         a = Preprocessor(HW, MEAN, STD, backend="auto")
         b = Preprocessor(HW, MEAN, STD, backend="auto")
     assert a.backend == b.backend == "numpy"
