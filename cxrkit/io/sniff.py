@@ -253,7 +253,10 @@ def jpeg_header(data: bytes, *, source: str = "") -> tuple[tuple[int, int], dict
                 "components": int(ncomp),
                 "adobe_transform": adobe_transform,
                 "exif_orientation": exif_orientation,
-                "jpeg_scans": bytes(data).count(b"\xff\xda"),  # SOS markers (0xFF is stuffed in scan data)
+                # SOS markers (0xFF is stuffed in scan data). Counted only where scans can repeat
+                # work (progressive, lossless, arithmetic): a sequential Huffman JPEG (SOF0/SOF1)
+                # has at most one scan per component, and counting costs a pass over the file.
+                "jpeg_scans": bytes(data).count(b"\xff\xda") if marker not in (0xC0, 0xC1) else 1,
             }
             return (int(h), int(w)), meta
         pos += seg_len
