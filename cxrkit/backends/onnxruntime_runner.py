@@ -41,6 +41,11 @@ class OnnxRuntimeRunner(Runner):
         if threads:
             so.intra_op_num_threads = int(threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no spin-waiting: the Detector decodes the next batch on the same cores while this one
+        # runs, and spinning intra-op threads would steal that time (opt back in with spin=True)
+        if not self.options.get("spin", False):
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
