@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import Device, Limits, LocalizeConfig, Precision
 from .errors import CxrkitError, DecodeError, InputError, OutOfMemoryError
-from .io.sources import describe_item
+from .io.sources import _is_dataset, describe_item
 from .models import ModelPackage, load_model_package
 from .results import Finding, Prediction
 
@@ -349,9 +349,5 @@ class _Prepared:
 
 def _cuda_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if ":" in device else 0
-
-
-def _is_dataset(x: Any) -> bool:
-    return type(x).__module__.startswith("pydicom")
 
 

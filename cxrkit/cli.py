@@ -114,7 +114,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     except Exception:
         pass
     info["devices"] = devices
-    info["backends"] = {d: available_backends(d.split()[0] if d != "cpu" else "cpu") for d in ("cpu", "cuda")}
+    info["backends"] = {d: available_backends(d) for d in ("cpu", "cuda")}
     info["models"] = list_models()
     print(json.dumps(info, indent=2))
     return 0
