@@ -228,7 +228,7 @@ def test_quantize_writes_package_and_guard_passes(pkg_dir, calib, holdout, tmp_p
 
     res = quantize(pkg_dir, calib, out=tmp_path / "q", holdout=holdout, keep_fp32=[":last"], min_agreement=0.97)
     pkg = load_model_package(tmp_path / "q")
-    for kind, prec in (("onnx_fp16", "fp16"), ("onnx_int8", "int8")):
+    for kind, prec in (("onnx_fp16", "fp16"), ("onnx_int8", "int8"), ("onnx_int8_cpu", "int8_cpu")):
         p = pkg.verified(kind)  # sha256 in the card matches
         side = json.loads(p.with_name(p.name + ".json").read_text())
         assert side["passed"] and side["precision"] == prec and side["sha256"] == sha256_file(p)
@@ -302,6 +302,7 @@ def test_int8_runner_on_cpu(pkg_dir, calib, holdout, tmp_path):
         a, b = r32.infer(holdout[:8]), r8.infer(holdout[:8])
     assert np.abs(_sig(a["logits"]) - _sig(b["logits"])).max() < 0.3
     assert a["heatmaps"].shape == b["heatmaps"].shape and b["heatmaps"].dtype == np.float32
+    assert pkg.file("onnx_int8_cpu") is not None and r8._graph_path() == pkg.verified("onnx_int8_cpu")
 
 
 def test_detector_int8_end_to_end(tmp_path):
@@ -346,8 +347,14 @@ def test_int8_cpu_uint8_variant_folds_relu_and_stays_close(pkg_dir, calib, holdo
             z = inits[n.input[2]]
             assert z.dtype == np.uint8 and int(z) in (0, 128)
             zps[n.input[0]] = int(z)
-    relu_outs = [t for t in zps if t in prod and prod[t].op_type == "Relu"]
-    assert relu_outs and all(zps[t] == 0 for t in relu_outs)
+    from cxrkit.quant.qdq import prepared
+
+    fp = prepared(pkg_dir / "model.onnx")
+    relu_outs = {n.output[0] for n in fp.graph.node if n.op_type == "Relu"}
+    relu_ranged = [t for t in zps if plan.range_of.get(t) in relu_outs]
+    assert relu_ranged and all(zps[t] == 0 for t in relu_ranged)
+    # quantized ReLUs are dropped (Q with zero point 0 saturates at 0): fewer Relu nodes remain
+    assert sum(n.op_type == "Relu" for n in m.graph.node) < len(relu_outs)
     onnx.save(m, tmp_path / "u8.onnx")
     ref, low = _run(pkg_dir / "model.onnx", holdout), _run(tmp_path / "u8.onnx", holdout)
     assert np.abs(_sig(ref[0]) - _sig(low[0])).max() < 0.3
@@ -355,3 +362,82 @@ def test_int8_cpu_uint8_variant_folds_relu_and_stays_close(pkg_dir, calib, holdo
     ort_session(tmp_path / "u8.onnx")  # ORT accepts it
     _, plan_dw, _ = quantize_int8(pkg_dir / "model.onnx", calib, skip_depthwise=True)
     assert len(plan_dw.weighted) == len(plan.weighted) - 1 and any("dw" in k for k in plan_dw.kept_fp32)
+
+
+# -- the CPU form on a pre-activation dense net (DenseNet's BN -> ReLU -> Conv on a growing concat) --
+
+def _tiny_densenet(tmp_path):
+    from cxrkit.nets import export_onnx
+    from cxrkit.nets.densenet import DenseNet
+
+    torch.manual_seed(0)
+    net = DenseNet(num_classes=3, growth_rate=8, block_config=(3, 3), num_init_features=16, bn_size=2, stride=16)
+    for m in net.modules():  # non-trivial BN statistics, some negative gammas
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(-0.5, 1.5)
+            m.bias.data.normal_(0, 0.3)
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    return export_onnx(net, tmp_path / "dense.onnx", (64, 64))
+
+
+def test_batchnorm_to_depthwise_is_exact(tmp_path):
+    from cxrkit.quant.graph import batchnorm_to_depthwise, check
+    from cxrkit.quant.qdq import prepared
+
+    path = _tiny_densenet(tmp_path)
+    m = prepared(path)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+    done = batchnorm_to_depthwise(m)
+    assert n_bn >= 6 and len(done) == n_bn  # every pre-activation BN (norm1 x6, transition, norm5)
+    assert not any(n.op_type == "BatchNormalization" for n in m.graph.node)
+    check(m, "rewritten fp32")
+    x = np.random.default_rng(0).standard_normal((4, 1, 64, 64)).astype(np.float32)
+    a, b = _run(path, x), _run(m, x)
+    np.testing.assert_allclose(b[0], a[0], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(b[1], a[1], rtol=0, atol=2e-5)
+
+
+def test_cpu_form_concat_shares_one_scale_and_ort_fuses_everything(tmp_path):
+    """Every Concat's inputs and output share one scale; ONNX Runtime then runs the whole dense
+    net as QLinearConv / QLinearConcat (no float Conv, BatchNormalization or Concat left except
+    the heatmap head, whose output leaves the graph), and the result stays close to fp32."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from cxrkit.quant import quantize_int8
+
+    path = _tiny_densenet(tmp_path)
+    rng = np.random.default_rng(1)
+    calib, hold = (rng.standard_normal((n, 1, 64, 64)).astype(np.float32) for n in (16, 16))
+    m, plan, _ = quantize_int8(path, calib, cpu_uint8=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    cons = {}
+    for n in m.graph.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+    concats = [n for n in m.graph.node if n.op_type == "Concat"]
+    assert len(concats) == 8  # 3 layers + the block output, in each of 2 blocks
+    for c in concats:
+        scales = {float(inits[prod[i].input[1]]) for i in c.input}  # each input is a DQ
+        (q_after,) = [q for q in cons[c.output[0]] if q.op_type == "QuantizeLinear"]
+        scales.add(float(inits[q_after.input[1]]))
+        assert len(scales) == 1, c.name
+    # one QuantizeLinear per quantized tensor: each producer owns its Q
+    qs = [n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == len(set(qs))
+    onnx.save(m, tmp_path / "u8.onnx")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "u8.opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "u8.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "u8.opt.onnx")).graph.node]
+    assert ops.count("QLinearConcat") == 8 and ops.count("Concat") == 0
+    assert "BatchNormalization" not in ops and ops.count("Conv") <= 1  # the fp32-output head
+    # stem + 6 layers x (norm1 as depthwise, conv1, conv2) + transition (norm, conv) + norm5
+    assert ops.count("QLinearConv") == 1 + 6 * 3 + 2 + 1
+    ref, low = _run(path, hold), _run(tmp_path / "u8.onnx", hold)
+    assert np.abs(_sig(ref[0]) - _sig(low[0])).max() < 0.05
+    assert np.abs(ref[1] - low[1]).max() < 0.5 * np.abs(ref[1]).max()

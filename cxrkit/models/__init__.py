@@ -51,6 +51,7 @@ CARD_SCHEMA: dict[str, Any] = {
                 "onnx": {"type": "string", "pattern": "\\.onnx$"},
                 "onnx_fp16": {"type": "string", "pattern": "\\.onnx$"},
                 "onnx_int8": {"type": "string", "pattern": "\\.onnx$"},
+                "onnx_int8_cpu": {"type": "string", "pattern": "\\.onnx$"},
             },
             "minProperties": 1,
         },

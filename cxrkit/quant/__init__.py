@@ -8,7 +8,9 @@ Both graphs are what a strongly typed TensorRT network is built from (DESIGN: Te
 precision flags), and both run in ONNX Runtime on the CPU, where they are checked against fp32
 by the accuracy guard (:mod:`cxrkit.quant.guard`) before they are added to the model card as
 ``files.onnx_fp16`` / ``files.onnx_int8`` (with sha256 and a JSON report beside each graph).
-The int8 graph is also the CPU int8 backend (``Detector(..., precision="int8")``).
+int8 comes in two forms from one calibration: ``onnx_int8``, the TensorRT form (symmetric int8,
+zero point 0), and ``onnx_int8_cpu``, the CPU form that the ONNX Runtime int8 backend runs
+(``Detector(..., precision="int8")`` on the CPU; uint8 activations, see :func:`quantize_int8`).
 
 Modules: :mod:`.calibrate` (inputs and activation ranges), :mod:`.qdq` (Q/DQ placement),
 :mod:`.fp16` (fp16 rewrite), :mod:`.guard` (comparison and refusal), :mod:`.graph` (helpers).
@@ -32,6 +34,7 @@ from ..errors import AccuracyGuardError, ModelError
 from ..models import ModelPackage, load_model_package, sha256_file
 from .calibrate import METHODS, collect_ranges, load_calibration
 from .fp16 import convert_fp16
+from .graph import batchnorm_to_depthwise
 from .guard import MAX_AUROC_DROP, MIN_AGREEMENT, GuardReport, compare, enforce, run_graph
 from .qdq import apply_qdq, plan_qdq, prepared
 
@@ -44,7 +47,8 @@ log = logging.getLogger(__name__)
 class QuantizeResult:
     package: ModelPackage
     fp16_path: Path | None = None
-    int8_path: Path | None = None
+    int8_path: Path | None = None  # TensorRT form (symmetric int8)
+    int8_cpu_path: Path | None = None  # CPU form (ONNX Runtime: uint8, ReLUs folded)
     reports: dict[str, GuardReport] = field(default_factory=dict)
 
 
@@ -72,7 +76,7 @@ def _install(pkg_root: Path, kind: str, graph, report: GuardReport, settings: di
     import onnx
 
     stem = Path(fp32_name).stem
-    name = f"{stem}.{kind.split('_')[1]}.onnx"
+    name = f"{stem}.{kind[len('onnx_'):].replace('_', '-')}.onnx"  # model.fp16.onnx, model.int8-cpu.onnx
     path = pkg_root / name
     fd, tmp = tempfile.mkstemp(dir=pkg_root, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
@@ -121,11 +125,15 @@ def quantize_int8(fp32_graph, calib: np.ndarray, *, method: str = "percentile", 
     here: fused and unfused results differ by up to 4 heatmap logits); 8 for TensorRT-only graphs.
 
     ``cpu_uint8``: write the ONNX Runtime CPU-only variant (uint8 activations, ReLUs folded into
-    the quantizers; see :func:`apply_qdq`) instead of the TensorRT-consumable int8 graph.
+    the quantizers, see :func:`apply_qdq`; BatchNormalizations that no conv absorbed become int8
+    depthwise convs, see :func:`.graph.batchnorm_to_depthwise`) instead of the
+    TensorRT-consumable int8 graph.
     ``skip_depthwise`` / ``min_reduction``: leave depthwise convs / convs reducing over fewer
     than ``min_reduction`` values (a 1-channel stem) in fp32 (:func:`.qdq.slow_int8_convs`).
     """
     prep = prepared(fp32_graph)
+    if cpu_uint8:
+        batchnorm_to_depthwise(prep)
     plan = plan_qdq(prep, keep_fp32, skip_depthwise=skip_depthwise, min_reduction=min_reduction)
     have = dict(ranges or {})
     need = [t for t in plan.calib_tensors if t not in have]
@@ -221,9 +229,24 @@ def quantize(model: "ModelPackage | str | Path", calib: Any, *, out: "str | Path
         if method == "percentile":
             settings["percentile"] = percentile
         rep.extra["settings"] = {k: settings[k] for k in ("method", "kept_fp32_layers")}
-        enforce(rep, allow_accuracy_drop)
-        result.int8_path = _install(dest.root, "onnx_int8", g8, rep, settings, fp32_name)
+
+        # the CPU form: same ranges and kept layers; uint8 activations, ReLUs folded into the
+        # quantizers, pre-activation BNs as int8 depthwise convs (what ORT runs fastest)
+        prep_cpu = prepared(fp32_path)
+        batchnorm_to_depthwise(prep_cpu)
+        plan_c = plan_qdq(prep_cpu, keep)
+        g8c = apply_qdq(prep_cpu, plan_c, ranges_for(plan_c), weight_bits=weight_bits, uint8_activations=True)
+        rep_c = compare(dest, ref, run_graph(g8c, hold, batch_size, num_threads), "int8_cpu", labels, **limits)
+        settings_c = {**settings, "form": "cpu", "weighted_int8": len(plan_c.weighted),
+                      "pass_through_int8": len(plan_c.pass_through), "activation_tensors_int8": len(plan_c.tensors),
+                      "activations": "uint8 per-tensor: zero point 0 for tensors >= 0 (ReLU folded), 128 otherwise"}
+        rep_c.extra["settings"] = dict(rep.extra["settings"])
+        enforce(rep, allow_accuracy_drop)  # both forms are checked before either is written
+        enforce(rep_c, allow_accuracy_drop)
+        result.int8_path = _install(dest.root, "onnx_int8", g8, rep, {**settings, "form": "tensorrt"}, fp32_name)
+        result.int8_cpu_path = _install(dest.root, "onnx_int8_cpu", g8c, rep_c, settings_c, fp32_name)
         result.reports["int8"] = rep
+        result.reports["int8_cpu"] = rep_c
     result.package = load_model_package(dest.root)
     return result
 
@@ -244,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
     for prec, rep in res.reports.items():
         status = "passed" if rep.passed else "FAILED (kept: --allow-accuracy-drop)"
         print(f"{prec}: {status}; max |score diff| {rep.max_abs_score_diff:.4g} on {rep.n_images} held-out images")
-    for p in (res.fp16_path, res.int8_path):
+    for p in (res.fp16_path, res.int8_path, res.int8_cpu_path):
         if p is not None:
             print(f"wrote {p}")
     return 0

@@ -119,3 +119,43 @@ def initializer_arrays(graph: "onnx.GraphProto") -> dict[str, np.ndarray]:  # no
     return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
 
 
+
+
+def batchnorm_to_depthwise(model: "onnx.ModelProto") -> list[str]:  # noqa: F821
+    """Each inference BatchNormalization on a 4-D tensor that no conv absorbed (pre-activation
+    nets: ``BN -> ReLU -> Conv`` as in DenseNet) becomes the equal 1x1 depthwise Conv
+    (``W[c] = gamma[c] / sqrt(var[c] + eps)``, ``B[c] = beta[c] - mean[c] W[c]``), in place.
+
+    Exact in fp32 up to rounding. It lets a Q/DQ graph quantize the BN as a weighted op: its
+    per-channel int8 weight holds ``W[c]`` exactly (``+-qmax`` at scale ``|W[c]| / qmax``), its
+    input (a DenseNet concat) stays int8, and ONNX Runtime runs ``BN -> ReLU -> Q`` as one
+    depthwise QLinearConv instead of dequantize, BatchNormalization, quantize and two layout
+    transposes over the whole concat. Returns the names of the nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    taken = all_names(g)
+    done = []
+    for k, n in enumerate(g.node):
+        if n.op_type != "BatchNormalization" or len(n.output) != 1 or len(n.input) != 5:
+            continue
+        if any(i not in inits for i in n.input[1:]):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in n.input[1:])
+        if gamma.ndim != 1:
+            continue
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        w = gamma / np.sqrt(var + eps)
+        b = beta - mean * w
+        c = len(w)
+        wn, bn = unique_name(f"{n.name}_dw_weight", taken), unique_name(f"{n.name}_dw_bias", taken)
+        g.initializer.extend([numpy_helper.from_array(w.astype(np.float32).reshape(c, 1, 1, 1), wn),
+                              numpy_helper.from_array(b.astype(np.float32), bn)])
+        conv = helper.make_node("Conv", [n.input[0], wn, bn], list(n.output), name=n.name,
+                                group=c, kernel_shape=[1, 1])
+        g.node.remove(n)
+        g.node.insert(k, conv)
+        done.append(n.name)
+    return done

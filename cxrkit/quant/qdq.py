@@ -12,9 +12,11 @@ turn it into QLinearConv / QLinearAdd / QLinearConcat):
 - Outputs of quantized ops are int8 (ONNX Runtime fuses a conv only with a Q after it), except
   graph outputs: the heatmap head's output stays float32, as does everything computed from it.
   A pass-through op whose output feeds no int8 consumer is left in float32.
-- Each quantized consumer of a tensor gets its own QuantizeLinear -> DequantizeLinear pair (ONNX
-  Runtime fuses a Q/DQ group only when no other op shares its nodes); float consumers share one
-  more pair, so every reader of an int8 tensor sees the same int8 values, as in TensorRT.
+- Each quantized reader of a tensor gets its own QuantizeLinear -> DequantizeLinear pair, float
+  readers share one more, so every reader sees the same int8 values, as in TensorRT. The CPU
+  form (``uint8_activations``) has one pair per tensor instead (see :func:`apply_qdq`).
+- A quantized Concat's inputs and output share one scale (the largest calibrated range among
+  them), so an int8 concat copies bytes instead of requantizing (:attr:`QDQPlan.shared`).
 - Activations are per-tensor, symmetric, int8, zero point 0 (TensorRT's only int8 mode).
   An op whose only consumer is a quantized Relu uses the Relu output's range, so Q -> DQ ->
   Relu -> Q is exact (negative values saturate and Relu zeroes them anyway); MaxPool and Resize
@@ -56,6 +58,13 @@ class QDQPlan:
     tensors: list[str]  # activation tensors that get a QuantizeLinear
     range_of: dict[str, str]  # tensor -> tensor whose calibrated range it uses
     kept_fp32: list[str] = field(default_factory=list)
+    #: tensor -> the tensors that must share its scale (itself included): the members of a
+    #: quantized Concat (inputs and output, so an int8 concat is a copy) and the range_of links
+    shared: dict[str, list[str]] = field(default_factory=dict)
+
+    def amax(self, t: str, ranges: Mapping[str, float]) -> float:
+        """The calibrated range ``t`` is quantized with: the largest range in its scale group."""
+        return max(float(ranges[self.range_of[m]]) for m in self.shared.get(t, [t]))
 
     @property
     def calib_tensors(self) -> list[str]:
@@ -191,8 +200,32 @@ def plan_qdq(model, keep_fp32: Iterable[str] = (), only: Iterable[str] | None = 
         while range_of[t] != t and range_of[range_of[t]] != range_of[t] and range_of[t] not in seen:
             seen.add(range_of[t])
             range_of[t] = range_of[range_of[t]]
+    # scale groups: a quantized Concat's inputs and output share one scale (the largest range among
+    # them), so the int8 concat copies bytes instead of requantizing every input (ORT's
+    # QLinearConcat and TensorRT both take that fast path), plus the range_of links above
+    parent = {t: t for t in tensors}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    for t in tensors:
+        if range_of[t] in parent:
+            parent[find(t)] = find(range_of[t])
+    for n in g.node:
+        if n.name in quantized and n.op_type == "Concat" and n.output[0] in tset:
+            for i in n.input:
+                if i in tset:
+                    parent[find(i)] = find(n.output[0])
+    members: dict[str, list[str]] = {}
+    for t in tensors:
+        members.setdefault(find(t), []).append(t)
+    shared = {t: members[find(t)] for t in tensors}
     kept = sorted(keep & set(weighted_all))
-    return QDQPlan(weighted=weighted, pass_through=pass_through, tensors=tensors, range_of=range_of, kept_fp32=kept)
+    return QDQPlan(weighted=weighted, pass_through=pass_through, tensors=tensors, range_of=range_of, kept_fp32=kept,
+                   shared=shared)
 
 
 def _weight_axis(node) -> int:
@@ -254,27 +287,54 @@ def apply_qdq(model, plan: QDQPlan, ranges: Mapping[str, float], out: "str | Pat
             if n.op_type in ("MaxPool", "AveragePool", "Concat", "Resize") and n.output[0] in set(plan.tensors):
                 if all(i in nonneg for i in n.input[:1 if n.op_type != "Concat" else None]):
                     nonneg.add(n.output[0])
+        # a scale group shares its zero point too: non-negative only if every member is
+        nonneg = {t for t in nonneg if all(m in nonneg for m in plan.shared.get(t, [t]))}
     amax_of: dict[str, float] = {}
     for t in plan.tensors:
-        amax = float(ranges[plan.range_of[t]])
+        amax = plan.amax(t, ranges)
         if not np.isfinite(amax) or amax < 0:
-            raise ModelError(f"calibration range of {plan.range_of[t]!r} is {amax}")
+            raise ModelError(f"calibration range of {plan.range_of[t]!r} (scale group of {t!r}) is {amax}")
         amax_of[t] = max(amax, 1e-8)
-    tset = set(plan.tensors)
-    q_cons: dict[str, list[tuple[str, int] | None]] = {t: [] for t in plan.tensors}  # None: the float readers
+    tensors = list(plan.tensors)
+    if uint8_activations:
+        # Q(x) == Q(relu(x)) with uint8 and zero point 0 (quantizing saturates at 0): a quantized
+        # Relu that is its input's only reader and shares its scale is dropped, and its readers
+        # read the input's uint8 copy (ORT would leave a DQ -> Q requantization there otherwise)
+        cons_ = consumers(g)
+        outs = {o.name for o in g.output}
+        alias: dict[str, str] = {}
+        for n in list(g.node):
+            t, r = n.input[0] if n.input else "", n.output[0]
+            if (n.op_type == "Relu" and n.name in quantized and t in nonneg and r in nonneg and r not in outs
+                    and len(cons_.get(t, [])) == 1 and t not in outs and amax_of[t] == amax_of[r]):
+                alias[r] = t
+                g.node.remove(n)
+                quantized.discard(n.name)
+        for n in g.node:
+            n.input[:] = [alias.get(i, i) for i in n.input]
+        tensors = [t for t in tensors if t not in alias]
+    tset = set(tensors)
+    # Where the Q -> DQ pairs go. TensorRT form: one pair per quantized reader (TensorRT's input-side
+    # placement; ONNX Runtime fuses a DQ -> op -> Q group only if its Q and DQ are its own), float
+    # readers share one more. CPU form: one pair per tensor, read by all, so the op producing the
+    # tensor owns its Q and fuses with it (ORT fuses conv -> Q only when the Q is the conv's one
+    # reader) and ORT copies the DQ for each reader itself (EnsureUniqueDQForNodeUnit): measured,
+    # that is what turns a DenseNet into one NHWC uint8 chain of QLinearConv / QLinearConcat.
+    per_reader = not uint8_activations
+    q_cons: dict[str, list[tuple[str, int] | None]] = {t: [] for t in tensors}  # None: shared pair
     for n in g.node:
         for k, t in enumerate(n.input):
             if t in tset:
-                key = (n.name, k) if n.name in quantized and k in _act_inputs(n) else None
+                key = (n.name, k) if per_reader and n.name in quantized and k in _act_inputs(n) else None
                 if key is not None or None not in q_cons[t]:
                     q_cons[t].append(key)
-    dq_for: dict[tuple[str, int], str] = {}  # (consumer node, input index) -> its DequantizeLinear output
+    dq_for: dict[tuple[str, int], str] = {}  # (reader node, input index) or (tensor, -1) -> its DQ output
     new_nodes = []
 
     def emit_qdq(t: str) -> None:
-        # One Q -> DQ pair per quantized consumer. ONNX Runtime fuses a DQ -> op -> Q group only if
-        # its Q and DQ nodes are its own; its constant sharing and CSE would merge identical pairs
-        # again, so pair j's scale is nudged by j float32 ulps (a relative change of ~1e-7 * j).
+        # every reader sees the same int8 values (as in TensorRT); ORT's constant sharing and CSE
+        # would merge identical per-reader pairs again, so pair j's scale is nudged by j float32
+        # ulps (a relative change of ~1e-7 * j)
         s = np.float32(amax_of[t] / 127.0)
         zp = zp8
         if uint8_activations:
