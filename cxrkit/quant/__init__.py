@@ -42,6 +42,8 @@ __all__ = ["quantize", "QuantizeResult", "convert_fp16", "quantize_int8", "layer
 
 log = logging.getLogger(__name__)
 
+_INT8_REPORT = {"tensorrt": "int8", "cpu": "int8_cpu"}  # form -> report / precision name
+
 
 @dataclass
 class QuantizeResult:
@@ -205,48 +207,51 @@ def quantize(model: "ModelPackage | str | Path", calib: Any, *, out: "str | Path
                                             batch_size=batch_size, num_threads=num_threads))
             return cache
 
-        keep = list(keep_fp32)
-        plan = plan_qdq(prep, keep)
-        g8 = apply_qdq(prep, plan, ranges_for(plan), weight_bits=weight_bits)
-        rep = compare(dest, ref, run_graph(g8, hold, batch_size, num_threads), "int8", labels, **limits)
-        sensitivity: list[tuple[str, float]] = []
-        if not rep.passed and auto_keep_fp32 > 0:
-            sensitivity = layer_sensitivity(prep, x[:16], ranges_for, keep, batch_size, weight_bits)
-            for name, err in sensitivity[:auto_keep_fp32]:
-                keep.append(name)
-                log.info("int8 guard failed (%s); leaving %s (sensitivity %.2g) in fp32", rep.failed_findings, name, err)
-                plan = plan_qdq(prep, keep)
-                g8 = apply_qdq(prep, plan, ranges_for(plan), weight_bits=weight_bits)
-                rep = compare(dest, ref, run_graph(g8, hold, batch_size, num_threads), "int8", labels, **limits)
-                if rep.passed:
-                    break
-        settings = {**common, "method": method, "keep_fp32": keep, "kept_fp32_layers": plan.kept_fp32,
-                    "weighted_int8": len(plan.weighted), "pass_through_int8": len(plan.pass_through),
-                    "activation_tensors_int8": len(plan.tensors),
-                    "weights": f"int8 symmetric per-channel (axis 0), {weight_bits}-bit range", "weight_bits": weight_bits,
-                    "activations": "int8 symmetric per-tensor, zero point 0",
-                    "sensitivity": [[n, e] for n, e in sensitivity[:32]]}
-        if method == "percentile":
-            settings["percentile"] = percentile
-        rep.extra["settings"] = {k: settings[k] for k in ("method", "kept_fp32_layers")}
-
-        # the CPU form: same ranges and kept layers; uint8 activations, ReLUs folded into the
-        # quantizers, pre-activation BNs as int8 depthwise convs (what ORT runs fastest)
+        # two forms from one calibration: TensorRT's (symmetric int8) and the CPU form ORT runs
+        # fastest (uint8, ReLUs folded into the quantizers, pre-activation BNs as int8 depthwise
+        # convs); each is guarded, and sensitive layers are kept in fp32, on its own
         prep_cpu = prepared(fp32_path)
         batchnorm_to_depthwise(prep_cpu)
-        plan_c = plan_qdq(prep_cpu, keep)
-        g8c = apply_qdq(prep_cpu, plan_c, ranges_for(plan_c), weight_bits=weight_bits, uint8_activations=True)
-        rep_c = compare(dest, ref, run_graph(g8c, hold, batch_size, num_threads), "int8_cpu", labels, **limits)
-        settings_c = {**settings, "form": "cpu", "weighted_int8": len(plan_c.weighted),
-                      "pass_through_int8": len(plan_c.pass_through), "activation_tensors_int8": len(plan_c.tensors),
-                      "activations": "uint8 per-tensor: zero point 0 for tensors >= 0 (ReLU folded), 128 otherwise"}
-        rep_c.extra["settings"] = dict(rep.extra["settings"])
-        enforce(rep, allow_accuracy_drop)  # both forms are checked before either is written
-        enforce(rep_c, allow_accuracy_drop)
-        result.int8_path = _install(dest.root, "onnx_int8", g8, rep, {**settings, "form": "tensorrt"}, fp32_name)
-        result.int8_cpu_path = _install(dest.root, "onnx_int8_cpu", g8c, rep_c, settings_c, fp32_name)
-        result.reports["int8"] = rep
-        result.reports["int8_cpu"] = rep_c
+        sensitivity: list[tuple[str, float]] = []
+
+        def build(form: str, keep: list[str]):
+            p = prep if form == "tensorrt" else prep_cpu
+            plan = plan_qdq(p, keep)
+            g = apply_qdq(p, plan, ranges_for(plan), weight_bits=weight_bits, uint8_activations=form == "cpu")
+            rep = compare(dest, ref, run_graph(g, hold, batch_size, num_threads), _INT8_REPORT[form], labels, **limits)
+            return g, plan, rep
+
+        built = {}
+        for form in ("tensorrt", "cpu"):
+            keep = list(keep_fp32)
+            g8, plan, rep = build(form, keep)
+            if not rep.passed and auto_keep_fp32 > 0:
+                if not sensitivity:
+                    sensitivity = layer_sensitivity(prep, x[:16], ranges_for, keep_fp32, batch_size, weight_bits)
+                for name, err in sensitivity[:auto_keep_fp32]:
+                    keep.append(name)
+                    log.info("int8 (%s form) guard failed (%s); leaving %s (sensitivity %.2g) in fp32",
+                             form, rep.failed_findings, name, err)
+                    g8, plan, rep = build(form, keep)
+                    if rep.passed:
+                        break
+            settings = {**common, "form": form, "method": method, "keep_fp32": keep, "kept_fp32_layers": plan.kept_fp32,
+                        "weighted_int8": len(plan.weighted), "pass_through_int8": len(plan.pass_through),
+                        "activation_tensors_int8": len(plan.tensors),
+                        "weights": f"int8 symmetric per-channel (axis 0), {weight_bits}-bit range", "weight_bits": weight_bits,
+                        "activations": "int8 symmetric per-tensor, zero point 0" if form == "tensorrt" else
+                        "uint8 per-tensor: zero point 0 for tensors >= 0 (ReLU folded), 128 otherwise",
+                        "sensitivity": [[n, e] for n, e in sensitivity[:32]]}
+            if method == "percentile":
+                settings["percentile"] = percentile
+            rep.extra["settings"] = {k: settings[k] for k in ("form", "method", "kept_fp32_layers")}
+            built[form] = (g8, rep, settings)
+        for g8, rep, _ in built.values():  # both forms are checked before either is written
+            enforce(rep, allow_accuracy_drop)
+        for form, kind, attr in (("tensorrt", "onnx_int8", "int8_path"), ("cpu", "onnx_int8_cpu", "int8_cpu_path")):
+            g8, rep, settings = built[form]
+            setattr(result, attr, _install(dest.root, kind, g8, rep, settings, fp32_name))
+            result.reports[_INT8_REPORT[form]] = rep
     result.package = load_model_package(dest.root)
     return result
 
