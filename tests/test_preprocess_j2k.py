@@ -153,3 +153,86 @@ def test_not_j2k_is_left_alone(shared_data):
         pytest.skip(f"{path} not found")
     img = load_item(path, 0)
     assert attach_j2k_frame(img, pydicom.dcmread(path)) is img
+
+
+# -- the deferred decode: load_item(keep_j2k_frame=True) leaves the frame to the GPU decoder -----
+
+def _meta_sans_frame(img):
+    return {k: v for k, v in img.meta.items() if k != "linear_stored_range"}
+
+
+def test_keep_j2k_frame_defers_the_cpu_decode(j2k_file):
+    """What the Detector asks for on CUDA: a linear J2K frame stays encoded (no CPU decode, which
+    would cost more than nvJPEG2000's), with io's value range and meta; ``decode_fallback``
+    (through ``decode_pixels``) decodes it on the CPU on demand, equal to a plain load."""
+    from cxrkit.io import decode_pixels
+
+    ds = pydicom.dcmread(j2k_file)
+    stored = ds.pixel_array  # decoded once; io's display of each variant is mapped from it
+    for name, v in _variants(ds):
+        lazy = load_item(v, 3, keep_j2k_frame=True)
+        assert lazy.pixels is None and is_encoded_j2k(lazy) and lazy.decode_fallback is not None, name
+        _, vr = _io_display(stored, v, name)
+        assert lazy.value_range == vr and lazy.image_size == stored.shape, name
+    full, lazy = load_item(ds, 3), load_item(ds, 3, keep_j2k_frame=True)
+    assert _meta_sans_frame(lazy) == full.meta and lazy.warnings == full.warnings
+    back = decode_pixels(lazy)
+    assert back.pixels is not None and back.value_range == full.value_range and back.decode_fallback is None
+    np.testing.assert_array_equal(back.pixels, full.pixels)
+
+
+def test_non_linear_or_not_j2k_is_decoded_as_before(shared_data, j2k_file):
+    v = pydicom.dcmread(j2k_file)
+    v.WindowCenter, v.WindowWidth, v.VOILUTFunction = 2000.0, 1000.0, "SIGMOID"
+    img = load_item(v, 0, keep_j2k_frame=True)
+    assert img.pixels is not None and img.decode_fallback is None and not is_encoded_j2k(img)
+    path = shared_data / "dicom/nema-rg1/RG1_UNCR.dcm"
+    if path.exists():
+        img = load_item(path, 0, keep_j2k_frame=True)
+        assert img.pixels is not None and img.encoded is None and img.decode_fallback is None
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("backend", ["dali", "numpy", "native"])
+def test_deferred_frames_preprocess_like_io_pixels(j2k_file, backend):
+    """Deferred items through DALI's J2K route (``dicom_j2k="dali"``, OpenJPEG here, nvJPEG2000 on
+    CUDA) and through the CPU routes (which call ``decode_fallback``) equal the reference on io's
+    pixels of a plain load."""
+    ds = pydicom.dcmread(j2k_file)
+    stored = ds.pixel_array
+    variants = _variants(ds) if backend == "dali" else _variants(ds)[::2]  # CPU routes decode each
+    items = [load_item(v, k, keep_j2k_frame=True) for k, (_, v) in enumerate(variants)]
+    refs = [preprocess_reference(*_io_display(stored, v, name), HW, MEAN, STD)[0] for name, v in variants]
+    with Preprocessor(HW, MEAN, STD, backend=backend, dicom_j2k="dali", batch_size=4) as pre:
+        res = pre.run(items)
+        if backend == "dali":
+            assert set(pre._pipes) == {(True, "uint16", True)}
+    assert res.errors == {} and res.ok_positions == list(range(len(items)))
+    for row, (name, _) in enumerate(variants):
+        assert unit_diff(res.batch[row], refs[row]) <= TOL_MAP, (backend, name)
+
+
+@pytest.mark.dali
+def test_j2k_decoder_failure_falls_back_to_the_cpu_decode(shared_data):
+    """A frame the J2K decoder refuses (here: a damaged copy of the codestream) is decoded on the
+    CPU from the DICOM itself; when that fails too, the item gets a typed error and the rest of
+    the batch is untouched."""
+    from cxrkit.errors import DecodeError
+
+    path = shared_data / FILES[1]
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    lazy, full = load_item(path, 0, keep_j2k_frame=True), load_item(path, 0)
+    damaged = dataclasses.replace(lazy, encoded=lazy.encoded[:64] + bytes(len(lazy.encoded) - 64))
+
+    def broken():
+        raise DecodeError(lazy.source, "CPU decode failed too")
+
+    hopeless = dataclasses.replace(damaged, decode_fallback=broken)
+    ref = preprocess_reference(full.pixels, full.value_range, HW, MEAN, STD)[0]
+    with Preprocessor(HW, MEAN, STD, backend="dali", dicom_j2k="dali", batch_size=4) as pre:
+        res = pre.run([damaged, lazy, hopeless])
+    assert set(res.errors) == {2} and isinstance(res.errors[2], DecodeError)
+    assert "CPU decode failed too" in str(res.errors[2])
+    assert res.ok_positions == [0, 1]
+    assert unit_diff(res.batch[0], ref) <= TOL_MAP and unit_diff(res.batch[1], ref) <= TOL_MAP

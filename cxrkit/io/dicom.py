@@ -184,6 +184,10 @@ def load_dicom(
     if n_frames > 1:
         warnings_.append(f"multi-frame DICOM ({n_frames} frames): only frame 0 is read")
     view = _frame0_view(ds)
+    if keep_j2k_frame:
+        deferred = _deferred_j2k(ds, view, source, index, limits, voi_window_index, warnings_)
+        if deferred is not None:
+            return deferred
 
     stored = _decode_frame0(ds, source, warnings_)
     _warn_excess_native_bytes(ds, rows, cols, n_frames, warnings_)
@@ -222,6 +226,42 @@ def load_dicom(
 
         img = attach_j2k_frame(img, ds, voi_window_index)
     return img
+
+
+def _deferred_j2k(ds: Any, view: Any, source: str, index: int, limits: Limits, voi_window_index: int,
+                  warnings_: list[str]) -> LoadedImage | None:
+    """A single-frame JPEG 2000 DICOM with a linear gray mapping, left encoded for the GPU decoder
+    (nvJPEG2000 through DALI): no CPU decode here, which would cost more than the GPU decode it
+    feeds (hundreds of ms for a lossless 12-bit radiograph). ``pixels`` is None; ``value_range``
+    and ``meta`` are what a decode would give (the gray mapping's range depends on the header
+    only, for integer data); ``decode_fallback`` decodes it on the CPU if the GPU decoder cannot.
+    The frame header (size, components) was checked by ``_check_frame_size``. None: decode as usual.
+    """
+    import dataclasses
+    import functools
+
+    from cxrkit.io.dicom_j2k import attach_j2k_frame, is_encoded_j2k
+
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("NumberOfFrames") or 1) != 1:
+        return None
+    dtype = np.uint8 if int(ds.get("BitsAllocated") or 16) <= 8 else np.uint16
+    try:
+        gray = to_display(np.zeros((1, 1), dtype), view, voi_window_index=voi_window_index)
+        _check_finite(gray.pixels, gray.value_range, view, source)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, InputError):
+        return None  # the usual path raises the typed error
+    w = list(warnings_) + list(gray.warnings)
+    meta = _meta(ds, view, w)
+    meta.update(gray.meta)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    img = LoadedImage(source=source, index=index, format="dicom", image_size=(rows, cols), encoded=None,
+                      pixels=None, value_range=gray.value_range, meta=meta, warnings=w, limits=limits)
+    img = attach_j2k_frame(img, ds, voi_window_index)
+    if not is_encoded_j2k(img):
+        return None
+    fallback = functools.partial(load_dicom, ds, source=source, index=index, limits=limits,
+                                 voi_window_index=voi_window_index)
+    return dataclasses.replace(img, decode_fallback=fallback)
 
 
 def _check_finite(pixels: np.ndarray, vrange: tuple[float, float], view: Any, source: str) -> None:

@@ -18,7 +18,10 @@ that (possibly inverted) range, which the pipeline applies exactly like the refe
 The item format (what cxrkit.io is asked to provide for a DICOM LoadedImage, see
 :func:`attach_j2k_frame`): ``encoded`` = the frame's JPEG 2000 codestream bytes and
 ``meta["linear_stored_range"] = (lo, hi)`` in stored units; ``meta["transfer_syntax"]`` one of
-:data:`J2K_TRANSFER_SYNTAXES`. ``pixels`` / ``value_range`` stay io's display pixels and range.
+:data:`J2K_TRANSFER_SYNTAXES`. ``value_range`` stays io's display range; ``pixels`` are io's
+display pixels when attached to a decoded image, and None from ``load_item(keep_j2k_frame=True)``,
+which skips the CPU decode (~0.6 s for a 2k x 2k lossless 12-bit frame here, against ~6 ms to read
+the header) and leaves ``decode_fallback`` to decode it on the CPU if the GPU decoder cannot.
 """
 
 from __future__ import annotations

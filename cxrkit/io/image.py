@@ -15,6 +15,7 @@ import logging
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -35,7 +36,8 @@ class LoadedImage:
     index: position in the caller's input list.
     format: "jpeg" | "png" | "dicom" | "array".
     image_size: (h, w) of the original image in pixels (from the header for JPEG/PNG).
-    encoded: the JPEG/PNG file bytes, decoded later by the preprocessor; None otherwise.
+    encoded: the JPEG/PNG file bytes, decoded later by the preprocessor; a DICOM's JPEG 2000
+        frame for the GPU decoder (``load_item(keep_j2k_frame=True)``); None otherwise.
     pixels: (h, w) gray, bone bright, uint8 | uint16 | float32; None while still encoded.
     value_range: pixel values mapping to 0.0 and 1.0 at normalization.
     meta: pixel_spacing_mm (row, col), DICOM tags, png_color_type, bit_depth, jpeg_process...
@@ -54,6 +56,9 @@ class LoadedImage:
     meta: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits, repr=False, compare=False)
+    #: for a DICOM JPEG 2000 frame left encoded for the GPU decoder (``pixels`` None): decodes it
+    #: on the CPU instead, returning the LoadedImage io would have made (see cxrkit.io.dicom)
+    decode_fallback: Callable[[], "LoadedImage"] | None = field(default=None, repr=False, compare=False)
 
     @property
     def dali_decodable(self) -> bool:
@@ -131,6 +136,8 @@ def decode_pixels(img: LoadedImage) -> LoadedImage:
     """
     if img.pixels is not None:
         return img
+    if img.decode_fallback is not None:  # a DICOM JPEG 2000 frame left for the GPU: decode it here
+        return img.decode_fallback()
     if img.encoded is None:
         raise DecodeError(img.source, "nothing to decode: the item has neither pixels nor encoded bytes")
     limits = img.limits

@@ -61,8 +61,9 @@ def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_i
     item: a path (str / os.PathLike), bytes-like file content, a numpy array (2-D uint8 / uint16 /
     float32, or (h, w, 3|4) uint8 RGB(A)), or a pydicom Dataset. ``index`` is the item's position
     in the caller's list. Raises only ``InputError`` subclasses. ``keep_j2k_frame``: a JPEG 2000
-    DICOM with a linear gray mapping also carries its frame bytes and stored-unit range for the
-    GPU decoder (cxrkit.io.dicom_j2k); its CPU-decoded pixels stay as they are.
+    DICOM with a linear gray mapping is NOT decoded on the CPU: it carries its frame bytes and
+    stored-unit range for the GPU decoder (cxrkit.io.dicom_j2k), ``pixels`` None, io's
+    ``value_range`` and meta, and ``decode_fallback`` to decode it on the CPU on demand.
     """
     source = describe_item(item, index)
     try:

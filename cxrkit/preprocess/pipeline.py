@@ -218,6 +218,9 @@ def _raw_pixels(img: Any) -> tuple[np.ndarray, tuple[float, float]]:
     if needed (decoding may change the value range, e.g. a 16-bit colour PNG read at 8 bits)."""
     if img.pixels is None:
         if img.format == "dicom":
+            if getattr(img, "decode_fallback", None) is not None:  # a JPEG 2000 frame kept for the GPU
+                img = img.decode_fallback()
+                return _raw_pixels(img)
             raise DecodeError(img.source, "DICOM item without decoded pixels: its encoded frame "
                               "can only be decoded by the DALI pipeline")
         from cxrkit.io import decode_pixels
@@ -520,6 +523,8 @@ class Preprocessor:
                             self._run_chunk(key, [one], transforms, outputs, errors)
                         except Exception as e1:
                             self._pipes.pop(key, None)
+                            if self._cpu_fallback(one.pos, images[one.pos], transforms, outputs, errors, e1):
+                                continue
                             errors[one.pos] = DecodeError(
                                 one.source, f"DALI could not decode this {one.format} image "
                                 f"({_dali_reason(e1)}); the file is corrupt or truncated, or "
@@ -528,6 +533,28 @@ class Preprocessor:
         for pos in errors:
             transforms.pop(pos, None)
         timings["pipeline"] = (time.perf_counter() - t1) * 1e3
+
+    def _cpu_fallback(self, pos: int, img: Any, transforms, outputs, errors, exc: BaseException) -> bool:
+        """A DICOM JPEG 2000 frame the GPU decoder refused: decode it on the CPU (io) and run it
+        through the raw-pixel route. True when handled (its output or its typed error recorded)."""
+        fallback = getattr(img, "decode_fallback", None)
+        if fallback is None:
+            return False
+        _log.info("%s: the JPEG 2000 decoder failed (%s); decoding on the CPU", img.source, _dali_reason(exc))
+        key = None
+        try:
+            key, job, src_hw = self._job(pos, fallback(), {})
+            transforms[pos] = letterbox_geometry(src_hw, self.input_hw)
+            self._run_chunk(key, [job], transforms, outputs, errors)
+        except InputError as e:
+            errors[pos] = e
+        except ValueError as e:
+            errors[pos] = InputError(img.source, str(e))
+        except Exception as e:  # noqa: BLE001 - the item's own error, never the batch's
+            if key is not None:
+                self._pipes.pop(key, None)
+            errors[pos] = DecodeError(img.source, f"could not preprocess the CPU-decoded JPEG 2000 frame ({_dali_reason(e)})")
+        return True
 
     def _pipeline(self, key: _Key) -> Any:
         pipe = self._pipes.get(key)
