@@ -488,9 +488,10 @@ def test_gpu_handover_and_j2k_dicom(shared_data):
         if not path.exists():
             continue
         io_img = load_item(str(path), 0)
-        enc = attach_j2k_frame(io_img, pydicom.dcmread(path))
-        assert is_encoded_j2k(enc)
-        imgs.append(dataclasses.replace(enc, pixels=None))  # the GPU route must not need pixels
+        enc = load_item(str(path), 0, keep_j2k_frame=True)  # what the Detector reads on CUDA
+        assert is_encoded_j2k(enc) and enc.pixels is None  # no CPU decode: the GPU route needs none
+        assert is_encoded_j2k(attach_j2k_frame(io_img, pydicom.dcmread(path)))
+        imgs.append(enc)
         tols.append(tol)
         refs.append(preprocess_reference(io_img.pixels, io_img.value_range, HW, MEAN, STD)[0])
     with Preprocessor(HW, MEAN, STD, device="cuda", backend="dali", batch_size=4,
