@@ -115,6 +115,8 @@ class Detector:
         )
         self._lock = threading.Lock()  # runner + post-processing
         self._pre_lock = threading.Lock()  # preprocessing pipelines
+        self._pool_lock = threading.Lock()
+        self._loader = None  # ThreadPoolExecutor reading inputs (see _load_pool)
         self._closed = False
         self._oom_step: int | None = None  # slice size that fit after an out-of-memory retry
         self._thresholds = self.card.thresholds  # (K,)
@@ -193,14 +195,29 @@ class Detector:
             return None, DecodeError(describe_item(item, index), f"unexpected {type(e).__name__}: {e}"), 0.0
         return img, None, (time.perf_counter() - t0) * 1e3
 
+    def _load_pool(self):
+        """The thread pool that reads inputs (created on first use; None with one thread)."""
+        if self.num_threads <= 1:
+            return None
+        with self._pool_lock:
+            if self._loader is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._loader = ThreadPoolExecutor(self.num_threads, thread_name_prefix="cxrkit-load")
+            return self._loader
+
     def _prepare(self, chunk: Sequence[tuple[int, Any]]) -> "_Prepared":
         """Stage 1: read every item, then preprocess the readable ones as one batch."""
         if self._closed:
             raise RuntimeError("this Detector is closed")
         n = len(chunk)
         prep = _Prepared(chunk=chunk, loaded=[None] * n, errors={}, load_ms=[0.0] * n)
-        for pos, (index, item) in enumerate(chunk):
-            img, err, ms = self._load(index, item)
+        # items are read in parallel: file reads, DICOM decodes (pydicom's codecs) and header parses
+        # release the GIL for the heavy part, and a batch of DICOMs read one by one would leave all
+        # but one core idle (results keep the input order)
+        pool = self._load_pool() if n > 1 else None
+        loads = pool.map(lambda t: self._load(*t), chunk) if pool is not None else (self._load(*t) for t in chunk)
+        for pos, (img, err, ms) in enumerate(loads):
             prep.load_ms[pos] = ms
             if err is not None:
                 prep.errors[pos] = err
@@ -324,6 +341,10 @@ class Detector:
                 self._closed = True
                 self.runner.close()
                 self.preprocessor.close()
+                with self._pool_lock:
+                    if self._loader is not None:
+                        self._loader.shutdown(wait=True)
+                        self._loader = None
 
     def __enter__(self) -> "Detector":
         return self
