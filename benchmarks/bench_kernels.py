@@ -118,7 +118,7 @@ def run() -> list[dict]:
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out.counts, d.counts) and torch.equal(out.boxes, d.boxes)
-            rows.append(dict(case=f"localize B=1 CUDA graph replay", ours=time_us(torch, graph.replay, reps=200),
+            rows.append(dict(case="localize B=1 CUDA graph replay", ours=time_us(torch, graph.replay, reps=200),
                              base=base, bytes=nbytes, peaks=float(d.counts.float().mean())))
     for n in (1000, 10000):
         b, s, g = random_boxes(torch, n)

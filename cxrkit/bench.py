@@ -9,7 +9,6 @@ JPEG, ISA-L inflate + the C++ unfilter for gray PNG), all cores: no pipeline bea
 from __future__ import annotations
 
 import argparse
-import io as _io
 import json
 import os
 import statistics

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     import torch
 
-    from .labels import FINDING_KEYS, FINDINGS
+    from .labels import FINDING_KEYS
     from .models import sha256_file
     from .nets import create_net, export_onnx, save_weights
     from .synth import SYNTH_LABELS, load_lungbox, split_by_patient

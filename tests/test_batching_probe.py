@@ -4,11 +4,9 @@ equals ``Detector.predict([item])[0]`` for its item (timings aside), under concu
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 import cxrkit

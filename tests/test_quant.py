@@ -340,7 +340,6 @@ def test_int8_cpu_uint8_variant_folds_relu_and_stays_close(pkg_dir, calib, holdo
 
     m, plan, _ = quantize_int8(pkg_dir / "model.onnx", calib, cpu_uint8=True)
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    prod = {o: n for n in m.graph.node for o in n.output}
     zps = {}
     for n in m.graph.node:
         if n.op_type == "QuantizeLinear":

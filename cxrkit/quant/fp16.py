@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .graph import all_names, check, consumers, load_model, prepare, unique_name
+from .graph import all_names, check, load_model, prepare, unique_name
 
 __all__ = ["convert_fp16", "FP32_OPS"]
 
