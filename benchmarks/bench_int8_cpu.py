@@ -106,7 +106,7 @@ def prepare(arch: str, size: int, workdir: Path, calib_n: int = 16, auto_keep_fp
     return name, (H, W), res.package.verified("onnx"), graphs, reports
 
 
-def _labeled_inputs(pkg, per_train: int = 2, per_test: int = 16):
+def _labeled_inputs(pkg, per_train: int = 4, per_test: int = 48):
     """(calibration, held-out, held-out labels) from cxrkit.synth lesions on the lungbox
     radiographs, split by patient as in the demo model's training: calibration images on
     training backgrounds, the guard's held-out images on test backgrounds (AUROC per finding,
