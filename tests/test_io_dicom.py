@@ -218,6 +218,30 @@ def test_window_center_width_matches_dicom_formula() -> None:
     assert img.meta["voi"].startswith("window 2000/1001")
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("c,w,function", [(2000, 1001, "LINEAR"), (15000, 30000, "LINEAR"), (2047.5, 4096, "LINEAR_EXACT"),
+                                          (40.3, 80, "LINEAR"), (100, 2, "LINEAR_EXACT"), (-20, 500, "LINEAR")])
+def test_float32_window_fast_path_equals_float64(photometric, c, w, function, monkeypatch) -> None:
+    """The float32 in-place window (integer-exact bounds) gives the float64 path's values, bit for
+    bit; bounds that are not exact in float32 (c = 40.3) take the float64 path."""
+    import cxrkit.io.lut as lut
+    from cxrkit.io.lut import to_display
+
+    rng = np.random.default_rng(int(c * 10) % 1000)
+    stored = rng.integers(0, 4096, (37, 41)).astype(np.uint16)
+    stored[0, :4] = [0, 4095, max(int(c), 0), max(int(c) + 1, 0)]
+    ds = make_ds(stored.astype(float), WindowCenter=c, WindowWidth=w)
+    ds.VOILUTFunction, ds.PhotometricInterpretation = function, photometric
+    lo, hi = lut.window_bounds(c, w, function)
+    assert lut._exact_f32(lo, hi, lo + hi) == (c != 40.3)  # which path the first call takes
+    fast = to_display(stored, ds)
+    monkeypatch.setattr(lut, "_exact_f32", lambda *v: False)
+    slow = to_display(stored, ds)
+    assert fast.value_range == slow.value_range and fast.pixels.dtype == slow.pixels.dtype == np.float32
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)
+    assert stored.dtype == np.uint16 and stored[0, 1] == 4095  # the input is not modified
+
+
 def test_rescale_then_window_then_monochrome1() -> None:
     x = np.array([0, 100, 1000, 1600, 4095], float)
     ds = make_ds(x, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=[1000, 500], WindowWidth=[2000, 400])

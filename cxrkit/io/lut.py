@@ -191,21 +191,38 @@ def to_display(stored: np.ndarray, ds: Any, *, voi_window_index: int = 0) -> Gra
     if invert:
         if x.dtype.kind in "ui":  # integer values imply integer lo, hi: stay exact in integers
             x = int(lo + hi) - x.astype(np.int64)
+        elif x.dtype == np.float32 and x is not stored and _exact_f32(lo, hi, lo + hi):  # exact, see _window
+            np.subtract(np.float32(lo + hi), x, out=x)
         else:
             x = (lo + hi) - x.astype(np.float64)
     meta["inverted"] = invert
-    out = _cast_out(x, hi) if lo >= 0 else x.astype(np.float32)
+    if x.dtype == np.float32 and x is not stored:  # already the output (see _window): no copy
+        out = x
+    else:
+        out = _cast_out(x, hi) if lo >= 0 else x.astype(np.float32)
     return GrayResult(np.ascontiguousarray(out), (float(lo), float(hi)), meta, w_)
 
 
+def _exact_f32(*values: float) -> bool:
+    """True if every value is a float32 number with at most one fractional bit below 2**22: then
+    clipping integers to them and (lo + hi) - x are exact in float32, equal to the float64 result."""
+    return all(abs(v) < 2**22 and float(np.float32(v)) == v and (2 * v).is_integer() for v in values)
+
+
 def _window(x: np.ndarray, c: float, w: float, function: str) -> tuple[np.ndarray, tuple[float, float]]:
-    xf = x.astype(np.float64)
     if function == "SIGMOID":
+        xf = x.astype(np.float64)
         return 1.0 / (1.0 + np.exp(-4.0 * (xf - c) / w)), (0.0, 1.0)
     lo, hi = window_bounds(c, w, function)
     if hi <= lo:  # LINEAR with width 1: a threshold at c - 0.5
-        return (xf > c - 0.5).astype(np.float64), (0.0, 1.0)
-    return np.clip(xf, lo, hi), (lo, hi)
+        return (x.astype(np.float64) > c - 0.5).astype(np.float64), (0.0, 1.0)
+    if x.dtype.kind in "ui" and x.dtype.itemsize <= 2 and _exact_f32(lo, hi, lo + hi):
+        # the usual integer window on 8/16-bit data: the same values as float64, in float32, in
+        # place (a 2k x 2k radiograph: ~6 instead of ~20 ms)
+        xf = x.astype(np.float32)
+        np.clip(xf, np.float32(lo), np.float32(hi), out=xf)
+        return xf, (lo, hi)
+    return np.clip(x.astype(np.float64), lo, hi), (lo, hi)
 
 
 def _multi_str(value: Any) -> list[str]:
