@@ -52,14 +52,43 @@ def write_images(folder: Path, n: int, size: int, fmt: str) -> list[Path]:
         elif fmt == "png16":
             p = folder / f"syn16_{i:04d}.png"
             Image.fromarray(synthetic_radiograph(size, i, bits=16)).save(p)
+        elif fmt in ("dicom", "dicom-j2k"):
+            p = folder / f"syn_{i:04d}.dcm"
+            write_dicom(p, synthetic_radiograph(size, i, bits=16) >> 4, j2k=fmt == "dicom-j2k")
         else:
-            raise ValueError(f"unknown format {fmt!r} (jpeg, png16)")
+            raise ValueError(f"unknown format {fmt!r} (jpeg, png16, dicom, dicom-j2k)")
         out.append(p)
     return out
 
 
+def write_dicom(path: Path, stored: np.ndarray, j2k: bool = False) -> Path:
+    """A 12-bit MONOCHROME2 DX DICOM of ``stored`` (uint16 < 4096) with a rescale and a window, as
+    a modality writes them; uncompressed, or JPEG 2000 lossless (pylibjpeg-openjpeg encodes it)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.PhotometricInterpretation, ds.ViewPosition = "DX", "MONOCHROME2", "PA"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 0, 16, 12, 11
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4000
+    ds.PixelSpacing = [0.14, 0.14]
+    stored = np.ascontiguousarray(stored, dtype=np.uint16)
+    ds.PixelData = stored.tobytes()
+    if j2k:
+        ds.compress(JPEG2000Lossless, stored, encoding_plugin="pylibjpeg")
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def naive_baseline(model, paths: list[Path]) -> Callable[[], None]:
-    """Pillow decode + numpy letterbox + torch eager fp32, one image at a time, same model."""
+    """Pillow (DICOM: pydicom with its LUT functions) decode + Pillow resize + numpy letterbox +
+    torch eager fp32, one image at a time, same model."""
     import torch
     from PIL import Image
 
@@ -82,15 +111,28 @@ def naive_baseline(model, paths: list[Path]) -> Callable[[], None]:
         finally:
             torch.set_num_threads(threads)
 
+    def read(p: Path) -> np.ndarray:
+        """(h, w) float32 in [0, 1]: Pillow, or for DICOM pydicom's own LUT functions."""
+        if p.suffix == ".dcm":
+            import pydicom
+            from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+            ds = pydicom.dcmread(p)
+            a = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+            return 1.0 - a if ds.PhotometricInterpretation == "MONOCHROME1" else a
+        im = Image.open(p)
+        a = np.asarray(im)
+        hi = 65535.0 if a.dtype == np.uint16 else 255.0
+        if a.ndim == 3:
+            a = np.asarray(im.convert("L"))
+        return a.astype(np.float32) / hi
+
     def _run() -> None:
         for p in paths:
-            im = Image.open(p)
-            a = np.asarray(im)
-            hi = 65535.0 if a.dtype == np.uint16 else 255.0
-            if a.ndim == 3:
-                a = np.asarray(im.convert("L"))
+            a = read(p)
             tf = letterbox_geometry(a.shape, (H, W))
-            small = Image.fromarray(a.astype(np.float32) / hi, mode="F").resize(tf.resized_hw[::-1], Image.BILINEAR)
+            small = Image.fromarray(a, mode="F").resize(tf.resized_hw[::-1], Image.BILINEAR)
             canvas = np.zeros((H, W), np.float32)
             t, l = tf.offset_yx
             canvas[t:t + tf.resized_hw[0], l:l + tf.resized_hw[1]] = np.asarray(small)
@@ -163,14 +205,18 @@ def run_bench(a: argparse.Namespace) -> int:
     if det_dct:
         det_dct.close()
     print(f"cxrkit bench  model={rows[0]['model']} backend={rows[0]['backend']} device={a.device} "
-          f"cores={os.cpu_count()}  (baseline: Pillow + numpy + torch eager, one image at a time)")
+          f"cores={os.cpu_count()}  (baseline: Pillow/pydicom + numpy + torch eager, one image at a time)")
     print(f"{'format':9} {'cxrkit img/s':>13} {'baseline img/s':>15} {'ratio':>7} {'decode floor img/s':>19}  stages ms/img")
     for r in rows:
         st = " ".join(f"{k}={v:.1f}" for k, v in r["stage_ms_per_image"].items())
         print(f"{r['format']:9} {r['cxrkit_img_s']:13.2f} {r['baseline_img_s']:15.2f} {r['ratio']:6.2f}x "
               f"{r['decode_floor_img_s']:19.2f}  {st}")
-    print("jpeg+dct: opt-in Preprocessor(jpeg_dct_scaling=True): libjpeg decodes at 1/2..1/8 scale, then the same "
-          "resize; not the exact reference function (mean 0.6-0.9, max up to ~34 8-bit steps at sharp edges)")
+    if any(r["format"].endswith("+dct") for r in rows):
+        print("jpeg+dct: opt-in Preprocessor(jpeg_dct_scaling=True): libjpeg decodes at 1/2..1/8 scale, then the same "
+              "resize; not the exact reference function (mean 0.6-0.9, max up to ~34 8-bit steps at sharp edges)")
+    if any(r["format"].startswith("dicom") for r in rows):
+        print("dicom: 12-bit DX, rescale + window; baseline pydicom (pixel_array, apply_modality_lut, apply_voi_lut); "
+              "dicom-j2k: the same, JPEG 2000 lossless")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     return 0

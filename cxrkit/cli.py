@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--images", type=int, default=32, help="synthetic ~2048² radiograph-like images per format")
     p.add_argument("--size", type=int, default=2048)
-    p.add_argument("--formats", default="jpeg,png16")
+    p.add_argument("--formats", default="jpeg,png16", help="comma-separated: jpeg, png16, dicom, dicom-j2k")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", help="write results here")
     p.set_defaults(fn=cmd_bench)
