@@ -281,6 +281,32 @@ def test_guard_refuses_broken_calibration_and_override_works(pkg_dir, calib, hol
     assert res.package.card.raw["quantization"]["onnx_int8"]["overridden"] is True
 
 
+def test_int8_forms_are_guarded_each_on_its_own(pkg_dir, calib, holdout, tmp_path, monkeypatch):
+    """The CPU form refused, the TensorRT form passing: the TensorRT form is written, the CPU form
+    is not, and the typed error says which was written."""
+    import dataclasses
+
+    import cxrkit.quant as q
+
+    real = q.compare
+
+    def compare(model, ref, low, precision, *a, **k):
+        rep = real(model, ref, low, precision, *a, **k)
+        if precision == "int8_cpu":
+            return dataclasses.replace(rep, passed=False, failed_findings=[LABELS[0]])
+        return rep
+
+    monkeypatch.setattr(q, "compare", compare)
+    with pytest.raises(AccuracyGuardError) as ei:
+        q.quantize(pkg_dir, calib, out=tmp_path / "q", holdout=holdout, precisions=("int8",), keep_fp32=[":last"],
+                   min_agreement=0.97)
+    assert "int8_cpu" in str(ei.value) and "written anyway" in str(ei.value) and "onnx_int8" in str(ei.value)
+    files = json.loads((tmp_path / "q" / "card.json").read_text())["files"]
+    assert "onnx_int8" in files and "onnx_int8_cpu" not in files
+    assert (tmp_path / "q" / "model.int8.onnx").exists() and not (tmp_path / "q" / "model.int8-cpu.onnx").exists()
+    assert ei.value.result.int8_path is not None and ei.value.result.int8_cpu_path is None
+
+
 def test_auroc_matches_rank_definition():
     from cxrkit.quant.guard import auroc
 

@@ -163,7 +163,9 @@ def quantize(model: "ModelPackage | str | Path", calib: Any, *, out: "str | Path
     most sensitive weighted layers in fp32, one at a time, until it passes.
     ``weight_bits``: see :func:`quantize_int8`. ``max_auroc_drop`` / ``min_agreement``: the guard's
     limits (defaults 0.005 and 0.99).
-    Raises AccuracyGuardError (nothing of that precision is written) unless ``allow_accuracy_drop``.
+    Raises AccuracyGuardError unless ``allow_accuracy_drop``: a refused graph is not written; for
+    int8 each form is guarded on its own, the one that passes is written first, and the error then
+    says so (``err.result`` holds what was written).
     """
     bad = set(precisions) - {"fp16", "int8"}
     if bad:
@@ -246,12 +248,25 @@ def quantize(model: "ModelPackage | str | Path", calib: Any, *, out: "str | Path
                 settings["percentile"] = percentile
             rep.extra["settings"] = {k: settings[k] for k in ("form", "method", "kept_fp32_layers")}
             built[form] = (g8, rep, settings)
-        for g8, rep, _ in built.values():  # both forms are checked before either is written
-            enforce(rep, allow_accuracy_drop)
+        # each form stands on its own: one that passes (or is overridden) is written even when the
+        # other is refused, so a TensorRT user is not blocked by the CPU form and vice versa; the
+        # refusal is raised after the writes, naming the form
+        refused: AccuracyGuardError | None = None
         for form, kind, attr in (("tensorrt", "onnx_int8", "int8_path"), ("cpu", "onnx_int8_cpu", "int8_cpu_path")):
             g8, rep, settings = built[form]
-            setattr(result, attr, _install(dest.root, kind, g8, rep, settings, fp32_name))
             result.reports[_INT8_REPORT[form]] = rep
+            try:
+                enforce(rep, allow_accuracy_drop)
+            except AccuracyGuardError as e:
+                refused = refused or e
+                continue
+            setattr(result, attr, _install(dest.root, kind, g8, rep, settings, fp32_name))
+        if refused is not None:
+            written = [k for k, p in (("onnx_int8", result.int8_path), ("onnx_int8_cpu", result.int8_cpu_path)) if p]
+            refused.result = result  # type: ignore[attr-defined]
+            if written:
+                refused.args = (f"{refused.args[0]} (written anyway, having passed on its own: {', '.join(written)})",)
+            raise refused
     result.package = load_model_package(dest.root)
     return result
 
