@@ -132,3 +132,25 @@ def test_io_uses_it_and_keeps_pillow_for_broken_files(tmp_path):
     broken[60:90] = bytes(30)
     with pytest.raises(DecodeError):
         decode_pixels(load_item(bytes(broken), 0))
+
+
+def test_damaged_files_never_raise_and_never_disagree_with_pillow():
+    """Byte flips, truncations and junk in 600 damaged copies: the fast decoder returns None (then
+    Pillow decides) or exactly what Pillow decodes; it never raises."""
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 65536, (23, 19)).astype(np.uint16)
+    good = _png(arr, [0, 1, 2, 3, 4], idat_sizes=(50, 200))
+    for k in range(600):
+        data = bytearray(good)
+        kind = k % 3
+        if kind == 0:
+            for pos in rng.integers(0, len(data), rng.integers(1, 4)):
+                data[pos] ^= int(rng.integers(1, 256))
+        elif kind == 1:
+            data = data[: int(rng.integers(8, len(data)))]
+        else:
+            at = int(rng.integers(8, len(data)))
+            data = data[:at] + bytes(rng.integers(0, 256, int(rng.integers(1, 40))).astype(np.uint8)) + data[at:]
+        got = decode_gray_png(bytes(data))
+        if got is not None:
+            np.testing.assert_array_equal(got, _pillow(bytes(data)))
