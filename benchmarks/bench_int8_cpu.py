@@ -112,7 +112,7 @@ def _labeled_inputs(pkg, per_train: int = 4, per_test: int = 48):
     training backgrounds, the guard's held-out images on test backgrounds (AUROC per finding,
     the issue's criterion); None without ../shared/data/lungbox."""
     from cxrkit.quant.calibrate import load_calibration
-    from cxrkit.synth import insert_lesion, load_lungbox, split_by_patient
+    from cxrkit.synth import SYNTH_LABELS, insert_lesion, load_lungbox, split_by_patient
     from cxrkit.synth.coco import choose_labels
 
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "lungbox"
@@ -120,21 +120,20 @@ def _labeled_inputs(pkg, per_train: int = 4, per_test: int = 48):
         return None
     parts = split_by_patient(load_lungbox(root, max_side=512))
     names = list(pkg.card.labels)
+    trained = [k for k in SYNTH_LABELS if k in names]
 
     def make(bgs, per, seed):
         imgs, labs = [], []
         for bi, bg in enumerate(bgs):
             for v in range(per):
                 rng = np.random.default_rng([seed, bi, v])
-                found = choose_labels(rng, [k for k in SYNTH if k in names], 0.25, 2)
+                found = choose_labels(rng, trained, 0.25, 2)
                 img = bg.image.astype(np.float32, copy=True)
                 for k in found:
                     insert_lesion(img, bg.lungs_xyxy, bg.spacing_mm, k, rng)
                 imgs.append(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
                 labs.append([k in found for k in names])
         return load_calibration(pkg, imgs), np.array(labs, np.float32)
-
-    from cxrkit.synth import SYNTH_LABELS as SYNTH
 
     calib, _ = make(parts["train"], per_train, 1)
     hold, labels = make(parts["test"], per_test, 2)

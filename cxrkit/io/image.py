@@ -164,7 +164,8 @@ def _decode(img: LoadedImage) -> LoadedImage:
     ):
         pixels, vrange = _decode_jpeg_libjpeg(img, warnings_)
     elif img.format in ("jpeg", "png"):
-        pixels, vrange = _decode_pillow(img, warnings_)
+        fast = _decode_gray_png_fast(img) if img.format == "png" else None
+        pixels, vrange = fast if fast is not None else _decode_pillow(img, warnings_)
     else:
         raise UnsupportedFormatError(img.source, f"cannot decode encoded bytes of format {img.format!r}")
     if pixels.shape != tuple(img.image_size):
@@ -202,20 +203,28 @@ def _open(img: LoadedImage):
     return Image.open(io.BytesIO(img.encoded), formats=[fmt])
 
 
+def _decode_gray_png_fast(img: LoadedImage) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """The plain gray PNG through cxrkit.io.png (ISA-L inflate + C++ unfilter, Pillow's pixels,
+    ~2x faster); None for anything else, or past Pillow's decompression-bomb threshold, where
+    Pillow keeps deciding (warning / refusal)."""
+    m = img.meta
+    if m.get("png_color_type") != 0 or m.get("bit_depth") not in (8, 16) or m.get("png_has_trns"):
+        return None
+    from PIL import Image
+
+    from cxrkit.io.png import decode_gray_png
+
+    bomb = Image.MAX_IMAGE_PIXELS
+    fast = decode_gray_png(img.encoded, max_pixels=None if bomb is None else int(bomb))
+    if fast is None:
+        return None
+    return fast, (0.0, 255.0 if fast.dtype == np.uint8 else 65535.0)
+
+
 def _decode_pillow(img: LoadedImage, warnings_: list[str]) -> tuple[np.ndarray, tuple[float, float]]:
     from PIL import Image
 
     what = "PNG" if img.format == "png" else "JPEG"
-    if img.format == "png" and img.meta.get("png_color_type") == 0 and img.meta.get("bit_depth") in (8, 16) \
-            and not img.meta.get("png_has_trns"):
-        from cxrkit.io.png import decode_gray_png
-
-        # the plain gray PNG: ISA-L inflate + C++ unfilter, equal to Pillow's pixels, ~2.2x faster;
-        # past Pillow's decompression-bomb threshold Pillow keeps deciding (warning / refusal)
-        bomb = Image.MAX_IMAGE_PIXELS
-        fast = decode_gray_png(img.encoded, max_pixels=None if bomb is None else int(bomb))
-        if fast is not None:
-            return fast, (0.0, 255.0 if fast.dtype == np.uint8 else 65535.0)
     try:
         if img.format == "png" and img.meta.get("bit_depth") == 16 and img.meta.get("png_color_type") in (2, 4, 6):
             wide = _decode_png16_color(img)

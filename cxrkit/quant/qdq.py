@@ -283,8 +283,9 @@ def apply_qdq(model, plan: QDQPlan, ranges: Mapping[str, float], out: "str | Pat
             r = plan.range_of[t]
             if (r in prod_ and prod_[r].op_type == "Relu") or (t in prod_ and prod_[t].op_type == "Relu"):
                 nonneg.add(t)
+        planned = set(plan.tensors)
         for n in g.node:  # pooling / concat / resize of non-negative tensors
-            if n.op_type in ("MaxPool", "AveragePool", "Concat", "Resize") and n.output[0] in set(plan.tensors):
+            if n.op_type in ("MaxPool", "AveragePool", "Concat", "Resize") and n.output[0] in planned:
                 if all(i in nonneg for i in n.input[:1 if n.op_type != "Concat" else None]):
                     nonneg.add(n.output[0])
         # a scale group shares its zero point too: non-negative only if every member is
