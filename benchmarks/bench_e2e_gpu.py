@@ -47,6 +47,7 @@ def densenet_package(folder: Path, input_hw=(512, 512)) -> Path:
     from safetensors.torch import save_file
 
     from cxrkit.labels import FINDING_KEYS
+    from cxrkit.models import sha256_file
     from cxrkit.nets import create_net
 
     torch.manual_seed(0)
@@ -60,6 +61,7 @@ def densenet_package(folder: Path, input_hw=(512, 512)) -> Path:
         "normalization": {"mean": 0.5, "std": 0.25}, "heatmap_stride": stride,
         "thresholds": {k: 0.5 for k in FINDING_KEYS[: getattr(net, "num_classes", 29)]},
         "files": {"weights": "weights.safetensors"},
+        "sha256": {"weights.safetensors": sha256_file(folder / "weights.safetensors")},
         "description": "random weights, benchmark workload only",
     }
     (folder / "card.json").write_text(json.dumps(card))

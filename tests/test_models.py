@@ -68,6 +68,50 @@ def test_tampered_weights_are_refused(tmp_path):
         cxrkit.Detector(m, backend="onnxruntime")
 
 
+@pytest.mark.parametrize("drop", ["model.onnx", "weights.safetensors", "all"])
+def test_card_without_a_hash_is_refused(tmp_path, drop):
+    """A file the card names but does not hash is refused at load, and a tampered copy of it never loads."""
+    d = _copy_probe(tmp_path)
+    card = json.loads((d / "card.json").read_text())
+    if drop == "all":
+        del card["sha256"]
+    else:
+        del card["sha256"][drop]
+        data = bytearray((d / drop).read_bytes())
+        data[-1] ^= 0x01  # tampered AND unhashed: the case that used to load silently
+        (d / drop).write_bytes(bytes(data))
+    (d / "card.json").write_text(json.dumps(card))
+    match = "'sha256' is a required property" if drop == "all" else rf"no sha256 in the card for \['{drop}'\]"
+    with pytest.raises(ModelCardError, match=match):
+        load_model_package(d)
+    with pytest.raises(ModelCardError, match=match):
+        cxrkit.Detector.from_pretrained(d, backend="onnxruntime")
+
+
+def test_card_hashing_only_some_files_of_a_quantized_package_is_refused(tmp_path):
+    """Every kind of file counts, not only onnx/weights (here an int8 graph the card names)."""
+    d = _copy_probe(tmp_path)
+    shutil.copy(d / "model.onnx", d / "model.int8.onnx")
+    card = json.loads((d / "card.json").read_text())
+    card["files"]["onnx_int8"] = "model.int8.onnx"
+    (d / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match="model.int8.onnx"):
+        load_model_package(d)
+
+
+def test_hand_built_package_without_hash_is_refused_before_use(tmp_path):
+    """verified() does not trust that the card went through load_model_package."""
+    from cxrkit.models import ModelCard, ModelPackage
+
+    d = _copy_probe(tmp_path)
+    raw = json.loads((d / "card.json").read_text())
+    del raw["sha256"]["weights.safetensors"]
+    pkg = ModelPackage(d, ModelCard(raw))
+    assert pkg.verified("onnx") == d / "model.onnx"
+    with pytest.raises(ModelCardError, match="no sha256 for weights file 'weights.safetensors'"):
+        pkg.verified("weights")
+
+
 def test_not_json(tmp_path):
     d = _copy_probe(tmp_path)
     (d / "card.json").write_text("{not json")

@@ -26,7 +26,7 @@ _HERE = Path(__file__).resolve().parent
 CARD_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "name", "version", "labels", "input_size", "normalization",
-                 "heatmap_stride", "thresholds", "files"],
+                 "heatmap_stride", "thresholds", "files", "sha256"],
     "properties": {
         "schema_version": {"const": 1},
         "name": {"type": "string", "minLength": 1},
@@ -55,6 +55,7 @@ CARD_SCHEMA: dict[str, Any] = {
             },
             "minProperties": 1,
         },
+        # one entry per file named in "files", keyed by that file's path as written there (checked in _validate)
         "sha256": {"type": "object", "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
         "localize": {"type": "object"},
         "description": {"type": "string"},
@@ -87,6 +88,13 @@ def _validate(card: Mapping[str, Any], where: str) -> None:
     if errs:
         lines = [f"{'/'.join(map(str, e.path)) or '(top)'}: {e.message}" for e in errs[:8]]
         raise ModelCardError(f"{where}: card.json is invalid:\n  " + "\n  ".join(lines))
+    unhashed = [rel for rel in card["files"].values() if rel not in card["sha256"]]
+    if unhashed:
+        raise ModelCardError(
+            f"{where}: no sha256 in the card for {unhashed}; every file a card names must carry its sha256, "
+            f"checked before the file is used. Add \"sha256\": {{\"{unhashed[0]}\": \"<the 64 hex digits "
+            f"`sha256sum {unhashed[0]}` prints>\", ...}} (cxrkit quantize and cxrkit import-model write them)"
+        )
     labels = card["labels"]
     unknown = [k for k in labels if k not in FINDINGS]
     if unknown:
@@ -203,14 +211,17 @@ class ModelPackage:
             raise ModelError(f"model {self.name!r}: the card names no {kind!r} file")
         if not p.is_file():
             raise ModelError(f"model {self.name!r}: {kind} file {str(p)!r} does not exist")
-        want = self.card.raw.get("sha256", {}).get(p.name)
-        if want is not None:
-            got = self._hash(p)
-            if got != want:
-                raise IntegrityError(
-                    f"model {self.name!r}: {p.name} has sha256 {got[:16]}…, the card says {want[:16]}…; "
-                    "the file was changed or corrupted: reinstall or re-export it"
-                )
+        rel = self.card.raw["files"][kind]
+        want = self.card.raw.get("sha256", {}).get(rel)
+        if want is None:  # load_model_package refuses such cards; a ModelPackage built by hand too
+            raise ModelCardError(f"model {self.name!r}: the card has no sha256 for {kind} file {rel!r}; "
+                                 "every file a card names must carry its sha256, checked before use")
+        got = self._hash(p)
+        if got != want:
+            raise IntegrityError(
+                f"model {self.name!r}: {rel} has sha256 {got[:16]}…, the card says {want[:16]}…; "
+                "the file was changed or corrupted: reinstall or re-export it"
+            )
         return p
 
     @cached_property
