@@ -12,6 +12,7 @@ __all__ = [
     "UnsupportedFormatError",
     "DecodeError",
     "ImageTooLargeError",
+    "UnsuitableImageError",
     "ModelError",
     "ModelCardError",
     "IntegrityError",
@@ -51,6 +52,12 @@ class DecodeError(InputError):
 
 class ImageTooLargeError(InputError):
     """The image or file exceeds a configured limit (decompression-bomb guard)."""
+
+
+class UnsuitableImageError(InputError):
+    """The image reads, but its header says it is not what the model is for (a lateral view, not
+    the chest, not a radiograph, a colour picture): refused by the quality gate with ``strict=True``
+    (see ``cxrkit.io.quality``)."""
 
 
 class ModelError(CxrkitError, ValueError):

@@ -10,6 +10,8 @@ Policies:
   Functional Groups (pixel measures, VOI, pixel value transformation) are used as if top-level.
 - Modality: CR, DX, DR, RG, OT (or none) are read; MG, IO, PX, XA, RF are read with a warning;
   anything else (CT, MR, US, NM, PT, SR...) raises ``UnsupportedFormatError``.
+- The header quality gate (``cxrkit.io.quality``: modality, body part, lateral view, colour, field
+  of view) runs before the decode; its findings are warnings, or ``UnsuitableImageError`` when strict.
 - Colour (RGB/YBR/PALETTE COLOR) pixel data is converted to gray by ITU-R 601 luminance, with a
   warning; no Modality/VOI LUT applies to colour data.
 - Grayscale: see ``cxrkit.io.lut`` for the LUT order, the VOI fallback and the inversion rule.
@@ -35,16 +37,20 @@ from cxrkit.config import Limits
 from cxrkit.errors import DecodeError, ImageTooLargeError, InputError, UnsupportedFormatError
 from cxrkit.io.image import LoadedImage, luminance_float, luminance_u8
 from cxrkit.io.lut import to_display
+from cxrkit.io.quality import (  # noqa: F401 - the gate's tables, re-exported where they used to live
+    CHEST_BODY_PARTS,
+    LATERAL_VIEWS,
+    OTHER_XRAY_MODALITIES,
+    RADIOGRAPH_MODALITIES,
+    HeaderIssue,
+    check_header,
+)
 from cxrkit.io.sniff import MAX_JPEG_SCANS, codestream_size, patch_sequential_scan_end
 
 __all__ = ["read_dataset", "load_dicom", "encapsulated_frame"]
 
 logger = logging.getLogger(__name__)
 
-RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT", ""})
-OTHER_XRAY_MODALITIES = frozenset({"MG", "IO", "PX", "XA", "RF"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT"})
-CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "TORSO"})
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -159,21 +165,24 @@ def _check_frame_size(ds: Any, rows: int, cols: int, source: str, limits: Limits
 
 def load_dicom(
     ds: Any, *, source: str, index: int, limits: Limits = Limits(), voi_window_index: int = 0,
-    keep_j2k_frame: bool = False,
+    keep_j2k_frame: bool = False, strict: bool = False,
 ) -> LoadedImage:
-    """Check a Dataset, decode frame 0 and map it to bone-bright gray (see module docstring)."""
+    """Check a Dataset, decode frame 0 and map it to bone-bright gray (see module docstring).
+
+    The header quality gate (``cxrkit.io.quality``) runs before anything is decoded: its issues
+    become warnings, or with ``strict`` an ``UnsuitableImageError``."""
     warnings_: list[str] = []
     if len(ds) == 0:
         raise DecodeError(source, "DICOM data set is empty after the file meta (truncated file?)")
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise InputError(source, f"DICOM has no PixelData ({_sop_class_phrase(ds)})")
     modality = str(ds.get("Modality") or "").upper()
-    if modality not in RADIOGRAPH_MODALITIES:
-        if modality not in OTHER_XRAY_MODALITIES:
-            raise UnsupportedFormatError(
-                source, f"DICOM modality {modality} is not a radiograph (expected CR or DX; {_sop_class_phrase(ds)})"
-            )
-        warnings_.append(f"modality {modality} is not a chest radiograph modality (CR/DX); read anyway")
+    if modality not in RADIOGRAPH_MODALITIES and modality not in OTHER_XRAY_MODALITIES:
+        raise UnsupportedFormatError(
+            source, f"DICOM modality {modality} is not a radiograph (expected CR or DX; {_sop_class_phrase(ds)})"
+        )
+    issues = check_header(ds, source, strict=strict)
+    warnings_.extend(i.message for i in issues)
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or cols <= 0:
         raise DecodeError(source, f"DICOM Rows/Columns missing or zero ({rows}x{cols})")
@@ -187,7 +196,7 @@ def load_dicom(
         warnings_.append(f"multi-frame DICOM ({n_frames} frames): only frame 0 is read")
     view = _frame0_view(ds)
     if keep_j2k_frame:
-        deferred = _deferred_j2k(ds, view, source, index, limits, voi_window_index, warnings_)
+        deferred = _deferred_j2k(ds, view, source, index, limits, voi_window_index, warnings_, issues)
         if deferred is not None:
             return deferred
 
@@ -196,7 +205,7 @@ def load_dicom(
     if stored.shape[:2] != (rows, cols):
         raise DecodeError(source, f"decoded frame is {stored.shape[:2]}, the header says {(rows, cols)}")
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
-    meta = _meta(ds, view, warnings_)
+    meta = _meta(ds, view, warnings_, issues)
     if photometric in ("MONOCHROME1", "MONOCHROME2") and stored.ndim == 2:
         try:
             gray = to_display(stored, view, voi_window_index=voi_window_index)
@@ -207,7 +216,8 @@ def load_dicom(
         warnings_.extend(gray.warnings)
     else:
         pixels, vrange = _colour_to_gray(stored, ds, photometric, source)
-        warnings_.append(f"colour DICOM ({photometric}) converted to gray by luminance")
+        if not any(i.code == "colour_image" for i in issues):  # the gate said it already
+            warnings_.append(f"colour DICOM ({photometric}) converted to gray by luminance")
     _check_finite(pixels, vrange, view, source)
     for w in warnings_:
         logger.debug("%s: %s", source, w)
@@ -231,7 +241,7 @@ def load_dicom(
 
 
 def _deferred_j2k(ds: Any, view: Any, source: str, index: int, limits: Limits, voi_window_index: int,
-                  warnings_: list[str]) -> LoadedImage | None:
+                  warnings_: list[str], issues: list[HeaderIssue]) -> LoadedImage | None:
     """A single-frame JPEG 2000 DICOM with a linear gray mapping, left encoded for the GPU decoder
     (nvJPEG2000 through DALI): no CPU decode here, which would cost more than the GPU decode it
     feeds (hundreds of ms for a lossless 12-bit radiograph). ``pixels`` is None; ``value_range``
@@ -253,7 +263,7 @@ def _deferred_j2k(ds: Any, view: Any, source: str, index: int, limits: Limits, v
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, InputError):
         return None  # the usual path raises the typed error
     w = list(warnings_) + list(gray.warnings)
-    meta = _meta(ds, view, w)
+    meta = _meta(ds, view, w, issues)
     meta.update(gray.meta)
     rows, cols = int(ds.Rows), int(ds.Columns)
     img = LoadedImage(source=source, index=index, format="dicom", image_size=(rows, cols), encoded=None,
@@ -488,7 +498,7 @@ def _pair(value: Any) -> tuple[float, float] | None:
     return vals[0], vals[1]
 
 
-def _meta(ds: Any, view: Any, warnings_: list[str]) -> dict:
+def _meta(ds: Any, view: Any, warnings_: list[str], issues: list[HeaderIssue]) -> dict:
     ts = _transfer_syntax(ds)
     view_position = str(view.get("ViewPosition") or "").upper()
     body_part = str(view.get("BodyPartExamined") or "").upper()
@@ -506,11 +516,8 @@ def _meta(ds: Any, view: Any, warnings_: list[str]) -> dict:
         "number_of_frames": int(ds.get("NumberOfFrames") or 1),
         "transfer_syntax": str(ts) if ts else None,
         "transfer_syntax_name": ts.name if ts else None,
+        "header_issues": [i.code for i in issues],
     }
-    if view_position in LATERAL_VIEWS:
-        warnings_.append(f"lateral view (ViewPosition {view_position}); the model expects frontal PA/AP images")
-    if body_part not in CHEST_BODY_PARTS:
-        warnings_.append(f"BodyPartExamined is {body_part}, not CHEST")
     spacing, note = None, None
     ps = _pair(view.get("PixelSpacing")) if "PixelSpacing" in view else None
     if "PixelSpacing" in view and ps is None:

@@ -55,7 +55,7 @@ def _is_dataset(item: Any) -> bool:
 
 
 def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_index: int = 0,
-              keep_j2k_frame: bool = False) -> LoadedImage:
+              keep_j2k_frame: bool = False, strict: bool = False) -> LoadedImage:
     """Read one input item; JPEG/PNG stay encoded (header parsed), DICOM and arrays are decoded.
 
     item: a path (str / os.PathLike), bytes-like file content, a numpy array (2-D uint8 / uint16 /
@@ -64,10 +64,15 @@ def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_i
     DICOM with a linear gray mapping is NOT decoded on the CPU: it carries its frame bytes and
     stored-unit range for the GPU decoder (cxrkit.io.dicom_j2k), ``pixels`` None, io's
     ``value_range`` and meta, and ``decode_fallback`` to decode it on the CPU on demand.
+
+    ``strict``: a DICOM whose header says it is not a frontal chest radiograph (lateral view,
+    another body part, MG/XA/... modality, colour) raises ``UnsuitableImageError`` before it is
+    decoded; without ``strict`` it is read and each such finding is a warning (and a code in
+    ``meta["header_issues"]``). See ``cxrkit.io.quality``. JPEG/PNG/arrays have no header to check.
     """
     source = describe_item(item, index)
     try:
-        return _load(item, source, index, limits, (voi_window_index, keep_j2k_frame))
+        return _load(item, source, index, limits, (voi_window_index, keep_j2k_frame, strict))
     except InputError:
         raise
     except MemoryError as exc:
@@ -77,7 +82,7 @@ def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_i
         raise DecodeError(source, f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
-def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, bool]) -> LoadedImage:
+def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, bool, bool]) -> LoadedImage:
     if isinstance(item, (str, os.PathLike)):
         data = _read_file(Path(os.fspath(item)), source, limits)
         return _load_bytes(data, source, index, limits, voi)
@@ -92,7 +97,7 @@ def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, b
 
         return call_with_deadline(
             lambda: load_dicom(item, source=source, index=index, limits=limits, voi_window_index=voi[0],
-                               keep_j2k_frame=voi[1]),
+                               keep_j2k_frame=voi[1], strict=voi[2]),
             limits.decode_timeout_s, source, "reading the DICOM",
         )
     raise InputError(
@@ -130,7 +135,7 @@ def _check_pixels(hw: tuple[int, int], source: str, limits: Limits) -> None:
         )
 
 
-def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi: tuple[int, bool]) -> LoadedImage:
+def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi: tuple[int, bool, bool]) -> LoadedImage:
     _check_file_bytes(len(data), source, limits)
     fmt = sniff(data, source=source)
     if fmt == "dicom":
@@ -139,7 +144,7 @@ def _load_bytes(data: bytes, source: str, index: int, limits: Limits, voi: tuple
         def read() -> LoadedImage:
             ds = read_dataset(data, source, limits)
             return load_dicom(ds, source=source, index=index, limits=limits, voi_window_index=voi[0],
-                              keep_j2k_frame=voi[1])
+                              keep_j2k_frame=voi[1], strict=voi[2])
 
         return call_with_deadline(read, limits.decode_timeout_s, source, "reading the DICOM")
     hw, meta = (png_header if fmt == "png" else jpeg_header)(data, source=source)
