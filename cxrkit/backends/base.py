@@ -5,7 +5,15 @@ A Runner turns a preprocessed batch (B, 1, H, W) float32 into ``{"logits": (B, K
 ``_load_impl`` and ``_infer_impl`` only (the Polygraphy pattern).
 
 Arrays: on the CPU, numpy in and numpy out. On CUDA, a torch CUDA tensor (or anything that
-speaks DLPack) in, torch CUDA tensors out; heatmaps may be fp16.
+speaks DLPack) in, torch CUDA tensors out; heatmaps may be fp16 or bf16.
+
+``prepare(batch_sizes)`` does the per-shape set-up ahead of time (CUDA graph capture for the torch
+and TensorRT runners, one graph per batch-size bucket); the Detector calls it once at construction,
+before any prefetch thread exists, so that no capture ever runs while another thread uses the GPU.
+
+Out of device memory: every runner raises :class:`cxrkit.errors.OutOfMemoryError` (never the
+library's own exception); :func:`as_out_of_memory` recognises the libraries' OOM errors (torch,
+CuPy, DALI, cuDNN / cuBLAS status strings) and is used by the kernels and the DALI pipeline too.
 """
 
 from __future__ import annotations
@@ -14,15 +22,63 @@ import abc
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..config import Device, Precision
-from ..errors import BackendError, BackendUnavailableError
+from ..errors import BackendError, BackendUnavailableError, OutOfMemoryError
 from ..models import ModelPackage
 
-__all__ = ["Runner", "register_backend", "create_runner", "available_backends", "BACKENDS", "AUTO_ORDER"]
+__all__ = ["Runner", "register_backend", "create_runner", "available_backends", "BACKENDS", "AUTO_ORDER",
+           "as_out_of_memory", "buckets"]
 
 log = logging.getLogger(__name__)
+
+# Substrings of out-of-memory errors that arrive as plain RuntimeError / MemoryError: torch
+# ("CUDA out of memory"), cuBLAS / cuDNN status codes, CUDA runtime and driver error names (CuPy,
+# DALI, nvImageCodec), DALI's CUDABadAlloc ("CUDA allocation failed"), nvJPEG / nvJPEG2000
+# allocator failures, and std::bad_alloc translated by pybind11.
+_OOM_MARKERS = (
+    "out of memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory", "cuda allocation failed",
+    "alloc_failed", "allocator_failure", "bad_alloc", "failed to allocate",
+)
+
+
+def as_out_of_memory(exc: BaseException, what: str = "") -> OutOfMemoryError | None:
+    """``exc`` as a cxrkit :class:`OutOfMemoryError` (itself if it already is one), or None when it
+    is not an out-of-memory error. ``what`` names the stage for the message (e.g. "localize")."""
+    if isinstance(exc, OutOfMemoryError):
+        return exc
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(seen) < 8 and cur not in seen:  # an OOM may hide behind a follow-up error
+        seen.append(cur)  # (e.g. ending a CUDA graph capture that the OOM interrupted)
+        cur = cur.__cause__ or cur.__context__
+    hit = next((e for e in seen if type(e).__name__ in ("OutOfMemoryError", "MemoryError", "CUDABadAlloc")
+                or any(m in str(e).lower() for m in _OOM_MARKERS)), None)
+    if hit is None:
+        return None
+    if isinstance(hit, OutOfMemoryError):
+        return hit
+    exc = hit
+    name = type(exc).__name__
+    text = str(exc)
+    first = text.strip().splitlines()[0][:300] if text.strip() else name
+    err = OutOfMemoryError(f"{what + ': ' if what else ''}out of device memory ({type(exc).__module__}.{name}: "
+                           f"{first}); the Detector retries with smaller batches")
+    err.__cause__ = exc
+    return err
+
+
+def buckets(max_batch: int) -> list[int]:
+    """The batch-size buckets of a CUDA-graph runner: 1, 2, 4, ... < max_batch, then max_batch."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    out.append(max_batch)
+    return out
 
 
 class Runner(abc.ABC):
@@ -55,6 +111,21 @@ class Runner(abc.ABC):
                 self._load_impl()
                 self._loaded = True
         return self
+
+    def prepare(self, batch_sizes: Sequence[int]) -> None:
+        """Do the per-shape set-up for these batch sizes now (loads the runner first).
+
+        CUDA-graph runners capture the graph of every bucket that a batch of one of these sizes
+        runs in (the smallest bucket >= the size), so that ``infer`` never captures later. Call it
+        once, before other threads use the GPU (the Detector calls it at construction). Other
+        runners: a no-op. Raises OutOfMemoryError when a capture does not fit.
+        """
+        sizes = sorted({int(b) for b in batch_sizes})
+        if any(b < 1 for b in sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+        self.load()
+        with self._lock:
+            self._prepare_impl(sizes)
 
     def infer(self, batch: Any) -> dict[str, Any]:
         if not self._loaded:
@@ -97,6 +168,9 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def _infer_impl(self, batch: Any) -> dict[str, Any]: ...
+
+    def _prepare_impl(self, batch_sizes: list[int]) -> None:
+        """Per-shape set-up (sorted, unique, >= 1); default: nothing to do."""
 
     def _close_impl(self) -> None:
         pass

@@ -1,8 +1,21 @@
 """torch backend: the card's architecture from cxrkit.nets with safetensors weights.
 
 CPU: fp32 (or bf16) eager. CUDA: fp16/bf16/fp32, channels_last, optional ``torch.compile``, and
-CUDA graphs captured per batch-size bucket (1, 2, 4, ... max_batch): a batch of n runs in the
-smallest bucket >= n, padded, so any n reuses a graph.
+CUDA graphs per batch-size bucket (1, 2, 4, ... max_batch): a batch of n runs in the smallest
+bucket >= n, padded, so any n reuses a graph.
+
+Capture. ``prepare(batch_sizes)`` captures the buckets those sizes need; the Detector calls it at
+construction, before its prefetch thread exists, so captures never overlap other threads' GPU
+work. A bucket nobody prepared is captured lazily at its first batch (logged), under
+``capture_error_mode="thread_local"``: another thread's CUDA calls (the prefetch thread's DALI
+decode and copies) then neither fail nor invalidate the capture, while this thread's own unsafe
+calls still raise. Every capture runs inside the out-of-memory handling, so an OOM while capturing
+is a cxrkit ``OutOfMemoryError`` (the Detector halves the batch) and leaves no half-made graph.
+
+Memory. All graphs of a runner share one private memory pool (``graph_pool_handle``): a graph
+captured later (another bucket, a halved batch after an OOM) reuses the memory that earlier
+captures freed instead of reserving a pool of its own. That is safe because replays are
+serialised and a graph's outputs are only read before the next ``infer`` call (below).
 
 Outputs on CUDA are views of the captured graph's static buffers: they stay valid until the
 next ``infer`` call on this runner (the Detector consumes them before that, under its lock).
@@ -11,25 +24,16 @@ next ``infer`` call on this runner (the Detector consumes them before that, unde
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
 
 from ..config import Device, Precision
 from ..errors import BackendUnavailableError, OutOfMemoryError
-from .base import Runner
+from .base import Runner, as_out_of_memory, buckets
 
 log = logging.getLogger(__name__)
-
-
-def _buckets(max_batch: int) -> list[int]:
-    out, b = [], 1
-    while b < max_batch:
-        out.append(b)
-        b *= 2
-    out.append(max_batch)
-    return out
-
 
 class TorchRunner(Runner):
     name = "torch"
@@ -67,40 +71,68 @@ class TorchRunner(Runner):
         self._max_batch = int(self.options.get("max_batch", 64))
         self._use_graphs = bool(self.options.get("cuda_graphs", True))
         self._graphs: dict[int, tuple[Any, Any, Any, Any]] | None = {}
-        self._stream = torch.cuda.Stream(dev)
+        self._pool = None  # one graph memory pool shared by every capture (see module doc)
+        self._capture_lock = threading.Lock()
+        self._warned_lazy = False
 
     # -- CUDA graphs ----------------------------------------------------------------------------
-    def _graph_for(self, n: int):
+    def bucket_for(self, n: int) -> int | None:
+        """The graph bucket a batch of n runs in (None: larger than max_batch, runs eagerly)."""
+        return next((b for b in buckets(self._max_batch) if b >= n), None)
+
+    def _prepare_impl(self, batch_sizes: list[int]) -> None:
+        if self.device is not Device.CUDA or not self._use_graphs:
+            return
+        for b in sorted({self.bucket_for(n) for n in batch_sizes} - {None}):
+            self._capture(b, lazy=False)
+
+    def _capture(self, bucket: int, lazy: bool):
+        """Capture (once) the graph of ``bucket``; OutOfMemoryError if it does not fit."""
         torch = self._torch
-        bucket = next((b for b in _buckets(self._max_batch) if b >= n), None)
+        with self._capture_lock:
+            g = self._graphs.get(bucket)
+            if g is not None:
+                return g
+            if lazy and not self._warned_lazy:
+                self._warned_lazy = True
+                log.warning("torch runner: capturing the CUDA graph of batch bucket %d at its first batch; call "
+                            "runner.prepare(batch_sizes) before other threads use the GPU to capture ahead", bucket)
+            H, W = self.model.card.input_hw
+            try:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                static_in = torch.randn(bucket, 1, H, W, device=self._dev, dtype=self._dtype).contiguous(
+                    memory_format=torch.channels_last)
+                s = torch.cuda.Stream(self._dev)
+                s.wait_stream(torch.cuda.current_stream(self._dev))
+                with torch.cuda.stream(s), torch.inference_mode():
+                    for _ in range(3):  # warm-up (cuDNN autotune, lazy init) outside the capture
+                        self._net(static_in)
+                torch.cuda.current_stream(self._dev).wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads may use the GPU meanwhile (module doc)
+                with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, stream=s,
+                                                              capture_error_mode="thread_local"):
+                    lg, hm = self._net(static_in)
+            except Exception as e:
+                oom = as_out_of_memory(e, f"torch: capturing the CUDA graph of batch bucket {bucket}")
+                if oom is not None:
+                    raise oom from e
+                raise
+            g = (graph, static_in, lg, hm)
+            self._graphs[bucket] = g
+            log.info("captured a CUDA graph for batch bucket %d", bucket)
+            return g
+
+    def _graph_for(self, n: int):
+        bucket = self.bucket_for(n)
         if bucket is None:
             return None
-        g = self._graphs.get(bucket)
-        if g is not None:
-            return g
-        H, W = self.model.card.input_hw
-        static_in = torch.randn(bucket, 1, H, W, device=self._dev, dtype=self._dtype).contiguous(
-            memory_format=torch.channels_last)
-        s = torch.cuda.Stream(self._dev)
-        s.wait_stream(torch.cuda.current_stream(self._dev))
-        with torch.cuda.stream(s), torch.inference_mode():
-            for _ in range(3):  # warm-up (cuDNN autotune, lazy init) outside the capture
-                self._net(static_in)
-        torch.cuda.current_stream(self._dev).wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, stream=s):
-            lg, hm = self._net(static_in)
-        g = (graph, static_in, lg, hm)
-        self._graphs[bucket] = g
-        log.info("captured a CUDA graph for batch bucket %d", bucket)
-        return g
+        return self._graphs.get(bucket) or self._capture(bucket, lazy=True)
 
     def warmup(self, batch_sizes: "list[int] | None" = None) -> None:
-        """Capture the CUDA graphs of the given batch sizes (all buckets by default) ahead of time."""
-        self.load()
-        if self.device is Device.CUDA and self._use_graphs:
-            for b in batch_sizes or _buckets(self._max_batch):
-                self._graph_for(b)
+        """Capture the CUDA graphs of the given batch sizes (all buckets by default): ``prepare``."""
+        self.prepare(batch_sizes or (buckets(self._max_batch) if self.device is Device.CUDA else [1]))
 
     def _infer_impl(self, batch: Any) -> dict[str, Any]:
         torch = self._torch
@@ -109,12 +141,12 @@ class TorchRunner(Runner):
             with torch.inference_mode():
                 lg, hm = self._net(x)
             return {"logits": lg.float().numpy(), "heatmaps": hm.float().numpy()}
-        x = batch if isinstance(batch, torch.Tensor) else torch.from_dlpack(batch)
-        if x.device.type != "cuda":
-            x = x.to(self._dev, non_blocking=True)
-        n = int(x.shape[0])
-        g = self._graph_for(n) if self._use_graphs else None
+        n = int(batch.shape[0])
         try:
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_dlpack(batch)
+            if x.device.type != "cuda":
+                x = x.to(self._dev, non_blocking=True)
+            g = self._graph_for(n) if self._use_graphs else None  # a lazy capture sits inside the try
             if g is None:
                 with torch.inference_mode():
                     lg, hm = self._net(x.to(self._dtype).contiguous(memory_format=torch.channels_last))
@@ -123,9 +155,15 @@ class TorchRunner(Runner):
             static_in[:n].copy_(x)  # casts to the graph's dtype; rows >= n keep stale data, ignored
             graph.replay()
             return {"logits": lg[:n].float(), "heatmaps": hm[:n]}
-        except torch.cuda.OutOfMemoryError as e:
-            raise OutOfMemoryError(f"torch CUDA out of memory at batch {n}: {e}") from e
+        except OutOfMemoryError:
+            raise
+        except Exception as e:
+            oom = as_out_of_memory(e, f"torch CUDA, batch of {n}")
+            if oom is not None:
+                raise oom from e
+            raise
 
     def _close_impl(self) -> None:
         self._graphs = None
+        self._pool = None
         self._net = None
