@@ -2,11 +2,13 @@
 
 Each op has a numpy reference (``_reference``), a C++ kernel (``cxrkit._C``) and a CUDA kernel
 (``csrc/cuda``, compiled at run time by CuPy); ``impl="auto"`` picks by the array's device.
+:func:`to_host` brings a batch's logits and Detections to numpy in one packed transfer.
 """
 
 from __future__ import annotations
 
 from .localize import Detections, detect, logit_thresholds
+from .host import to_host
 from .nms import batched_nms
 
-__all__ = ["Detections", "detect", "batched_nms", "logit_thresholds"]
+__all__ = ["Detections", "detect", "batched_nms", "logit_thresholds", "to_host"]
