@@ -10,45 +10,26 @@ runs on that stream (torch's current stream for torch tensors), so nothing waits
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import cupy as cp
 import numpy as np
 
-from ..errors import BackendUnavailableError
 from . import is_torch
+from .cuda_source import OPTIONS as _OPTIONS
+from .cuda_source import source  # CuPy-free, so CI compiles the same text with NVRTC
 
 __all__ = ["localize", "batched_nms", "source", "LOCALIZE_THREADS"]
 
 LOCALIZE_THREADS = 256  # CXR_LOC_THREADS in localize.cu
 _NMS_TILE = 64
-_SOURCES = ("localize.cu", "nms.cu")
-_OPTIONS = ("--std=c++17",)
 _MAX_NMS_MASK_BYTES = 4 << 30
+_HEAT_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # -> kernel name part
 
 _lock = threading.Lock()
 _modules: dict[int, Any] = {}
 _functions: dict[tuple[int, str], Any] = {}
 _thresholds: dict[tuple[str, int, bytes], Any] = {}
-
-
-def _source_dir() -> Path:
-    here = Path(__file__).resolve()
-    for d in (here.parents[2] / "csrc" / "cuda", here.parent / "cuda"):  # source tree, installed wheel
-        if (d / "localize.cu").is_file():
-            return d
-    raise BackendUnavailableError("the CUDA kernel sources (csrc/cuda/*.cu) were not found next to cxrkit; reinstall cxrkit")
-
-
-def source() -> str:
-    """One translation unit: common.cuh inlined, then every kernel file (so CuPy's cache key covers all)."""
-    d = _source_dir()
-    common = (d / "common.cuh").read_text().replace("#pragma once", "")
-    parts = [common]
-    for name in _SOURCES:
-        parts.append(f"// ---- {name}\n" + (d / name).read_text().replace('#include "common.cuh"', ""))
-    return "\n".join(parts)
 
 
 def _function(device_id: int, name: str):
@@ -134,6 +115,29 @@ def _device_thresholds(like: _Arr, t_logit: np.ndarray):
     return t
 
 
+def _check_out(arr: Any, like: _Arr, name: str, shape: tuple, dtype: str) -> None:
+    """A preallocated output must be written in place by the kernel: same library and device as the
+    input, exact shape and dtype, C-contiguous (the kernel writes through its raw pointer)."""
+    if like.lib == "torch":
+        if not is_torch(arr) or arr.device.type != "cuda" or arr.device.index != like.device_id:
+            raise ValueError(f"out.{name} must be a torch CUDA tensor on cuda:{like.device_id} like the heatmaps, "
+                             f"got {type(arr).__name__} on {getattr(arr, 'device', '?')}")
+        got_dtype = str(arr.dtype).rsplit(".", 1)[-1]
+        contiguous = arr.is_contiguous()
+    else:
+        if not isinstance(arr, cp.ndarray) or arr.device.id != like.device_id:
+            raise ValueError(f"out.{name} must be a CuPy array on device {like.device_id} like the heatmaps, "
+                             f"got {type(arr).__name__}")
+        got_dtype = arr.dtype.name
+        contiguous = bool(arr.flags.c_contiguous)
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"out.{name} must have shape {shape}, got {tuple(arr.shape)}")
+    if got_dtype != dtype:
+        raise TypeError(f"out.{name} must be {dtype}, got {got_dtype}")
+    if not contiguous:
+        raise ValueError(f"out.{name} must be C-contiguous (the kernel writes it through its pointer)")
+
+
 def _fill(a: Any, value) -> None:
     if is_torch(a):
         a.fill_(value)
@@ -143,7 +147,7 @@ def _fill(a: Any, value) -> None:
 
 def localize(heat: Any, t_logit: np.ndarray, max_peaks: int, region_fraction: float, max_extent: int,
              iou_threshold: float, out: tuple | None = None) -> tuple:
-    """(B, K, h, w) fp16/fp32 CUDA logits -> (counts, scores, points, boxes) on the same device.
+    """(B, K, h, w) fp16/bf16/fp32 CUDA logits -> (counts, scores, points, boxes) on the same device.
 
     ``out``: optional preallocated (counts, scores, points, boxes) of the input's library (lets the
     call run inside a CUDA graph capture: no allocation, no host transfer once thresholds are cached).
@@ -151,17 +155,24 @@ def localize(heat: Any, t_logit: np.ndarray, max_peaks: int, region_fraction: fl
     a = _adapt(heat)
     if len(a.shape) != 4:
         raise ValueError(f"heatmap_logits must be (B, K, h, w), got shape {a.shape}")
-    if a.dtype not in ("float16", "float32"):
-        raise TypeError(f"heatmap_logits must be float16 or float32 on the GPU, got {a.dtype}")
+    if a.dtype not in _HEAT_DTYPES:
+        raise TypeError(f"heatmap_logits must be float16, bfloat16 or float32 on the GPU, got {a.dtype}")
     B, K, h, w = a.shape
     if t_logit.shape != (K,):
         raise ValueError(f"peak_thresholds must have K={K} entries, got {t_logit.shape[0]}")
     if h * w >= 2**31:
         raise ValueError(f"h * w must be < 2**31, got {h} x {w}")
     M, E = int(max_peaks), int(max_extent)
+    specs = (("counts", (B, K), "int32"), ("scores", (B, K, M), "float32"), ("points", (B, K, M, 2), "int32"),
+             ("boxes", (B, K, M, 4), "float32"))
     if out is None:
-        out = (_empty(a, (B, K), "int32"), _empty(a, (B, K, M), "float32"),
-               _empty(a, (B, K, M, 2), "int32"), _empty(a, (B, K, M, 4), "float32"))
+        out = tuple(_empty(a, shape, dt) for _, shape, dt in specs)
+    else:
+        out = tuple(out)
+        if len(out) != 4:
+            raise ValueError(f"out must be (counts, scores, points, boxes), got {len(out)} arrays")
+        for arr, spec in zip(out, specs):
+            _check_out(arr, a, *spec)
     counts, scores, points, boxes = out
     if B * K == 0:
         return out
@@ -171,7 +182,7 @@ def localize(heat: Any, t_logit: np.ndarray, max_peaks: int, region_fraction: fl
         return out
     nw = (2 * E + 1 + 31) // 32
     nw = 5 if nw == 4 else nw
-    name = f"cxr_localize_{'f16' if a.dtype == 'float16' else 'f32'}_w{nw}"
+    name = f"cxr_localize_{_HEAT_DTYPES[a.dtype]}_w{nw}"
     fn = _function(a.device_id, name)
     t = _device_thresholds(a, t_logit)
     args = (np.uint64(a.ptr), _ptr(t), np.int32(K), np.int32(h), np.int32(w), np.int32(M), np.int32(E),
