@@ -36,7 +36,7 @@ import time
 import warnings
 import weakref
 from concurrent.futures import Future
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import BackendError, BatchFailedError, DetectorClosedError, InputError, QueueFullError
 from .models import ModelPackage
@@ -108,6 +108,7 @@ class _Core:
         self.n_batches = 0
         self.n_batched_items = 0
         self.max_batch_seen = 0
+        self.observers: list[Callable[[int, float, bool], None]] = []  # see BatchingDetector.add_batch_observer
         self.thread = threading.Thread(target=self.run, name=name, daemon=True)
         self.thread.start()
 
@@ -182,6 +183,7 @@ class _Core:
                 raise BackendError(f"detector returned {len(preds)} predictions for a batch of {n} inputs")
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it; the worker goes on
             log.warning("batch of %d failed: %s: %s", n, type(e).__name__, e)
+            self._notify(n, time.monotonic() - t0, True)
             for r in batch:
                 # One exception object per future: a shared one would collect every thread's traceback.
                 err = BatchFailedError(f"the detector failed on a batch of {n} requests: {type(e).__name__}: {e}")
@@ -192,6 +194,7 @@ class _Core:
             self.n_batches += 1
             self.n_batched_items += n
             self.max_batch_seen = max(self.max_batch_seen, n)
+        self._notify(n, time.monotonic() - t0, False)
         for pos, (r, p) in enumerate(zip(batch, preds)):
             try:
                 p = restamp(p, pos)
@@ -202,6 +205,13 @@ class _Core:
                 r.future.set_exception(e)
                 continue
             r.future.set_result(p)
+
+    def _notify(self, n: int, seconds: float, failed: bool) -> None:
+        for fn in self.observers:
+            try:
+                fn(n, seconds, failed)
+            except Exception:  # noqa: BLE001 - a metrics callback must not kill the worker
+                log.warning("batch observer %r failed", fn, exc_info=True)
 
     # -- shutdown ------------------------------------------------------------------------------
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
@@ -332,6 +342,12 @@ class BatchingDetector:
     def queue_depth(self) -> int:
         """Requests waiting for a batch (the batch being run not included)."""
         return len(self._core.pending)
+
+    def add_batch_observer(self, fn: Callable[[int, float, bool], None]) -> None:
+        """Call ``fn(batch_size, seconds, failed)`` in the worker thread after each batch's ``predict``
+        (e.g. to feed metrics histograms). ``fn`` must be quick and thread-safe; its exceptions are
+        logged and ignored."""
+        self._core.observers.append(fn)
 
     def stats(self) -> dict[str, float]:
         """Counters since creation: requests, batches run, mean and largest batch size."""

@@ -1,4 +1,4 @@
-"""`cxrkit predict | info | bench | eval | export | quantize | build-engine`."""
+"""`cxrkit predict | info | bench | eval | export | quantize | build-engine | serve`."""
 
 from __future__ import annotations
 
@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="engine cache folder (default: $CXRKIT_CACHE_DIR/engines or ~/.cache/cxrkit/engines)")
     p.add_argument("--workspace-gib", type=float, default=0.0, help="builder workspace limit (0: TensorRT's default)")
     p.set_defaults(fn=cmd_build_engine)
+
+    from .serve.cli import add_parser as add_serve_parser  # `cxrkit serve`: logic in cxrkit/serve/cli.py
+
+    add_serve_parser(sub)
     return ap
 
 
