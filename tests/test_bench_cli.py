@@ -26,16 +26,47 @@ def test_write_dicom_round_trips(tmp_path, j2k):
     assert img.value_range == (48.0, 4047.0) and img.meta["voi"].startswith("window 2048/4000")
 
 
-def test_bench_command_runs(tmp_path, capsys):
+def test_bench_command_runs(tmp_path, capsys, monkeypatch):
+    import os
+
+    import cxrkit.bench as bench
     from cxrkit.cli import main
 
+    timed = []  # (what was timed, repeats): every measurement gets the same number of repeats
+    real_time = bench._time
+    monkeypatch.setattr(bench, "_time", lambda fn, repeat: timed.append((fn, repeat)) or real_time(fn, repeat))
     out = tmp_path / "bench.json"
-    assert main(["bench", "--images", "2", "--size", "96", "--repeat", "1", "--formats", "jpeg,dicom",
+    assert main(["bench", "--images", "2", "--size", "96", "--repeat", "2", "--formats", "jpeg,dicom",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["format"] for r in rows] == ["jpeg", "jpeg+dct", "dicom"]
     for r in rows:
-        assert r["images"] == 2 and r["cxrkit_img_s"] > 0 and r["baseline_img_s"] > 0 and r["decode_floor_img_s"] > 0
+        assert r["images"] == 2 and r["repeat"] == 2 and r["decode_floor_img_s"] > 0
+        assert r["cxrkit_img_s"] > 0 and r["baseline_img_s"] > 0 and r["serial_baseline_img_s"] > 0
         assert r["ratio"] == pytest.approx(r["cxrkit_img_s"] / r["baseline_img_s"], rel=1e-6)
+        assert r["serial_ratio"] == pytest.approx(r["cxrkit_img_s"] / r["serial_baseline_img_s"], rel=1e-6)
+        assert r["baseline"].startswith(f"DataLoader({os.cpu_count()} workers, batch 8)")
+    # per format: serial baseline, fair baseline, decode floor, cxrkit (jpeg: and cxrkit+dct)
+    assert [rep for _, rep in timed] == [2] * 9
+    assert sum(isinstance(fn, bench.FairBaseline) for fn, _ in timed) == 2
     text = capsys.readouterr().out
-    assert "dicom" in text and "baseline" in text
+    assert "dicom" in text and "fair baseline" in text and "serial baseline" in text
+
+
+def test_fair_baseline_feeds_the_network_what_the_serial_one_does(tmp_path):
+    """Same reading, letterbox and model in both baselines; the fair one batches it in DataLoader workers."""
+    import torch
+
+    from cxrkit.bench import FairBaseline, LetterboxedImages, write_images
+    from cxrkit.models import load_model_package
+
+    model = load_model_package("cxr-probe")
+    paths = write_images(tmp_path, 3, 80, "jpeg")
+    fair = FairBaseline(model, paths, batch_size=2, workers=1)
+    try:
+        batches = [x for x in fair.loader]
+    finally:
+        fair.close()
+    assert [tuple(b.shape) for b in batches] == [(2, 1, 256, 256), (1, 1, 256, 256)]
+    ds = LetterboxedImages(paths, model.card.input_hw, model.card.mean, model.card.std)
+    np.testing.assert_array_equal(torch.cat(batches).numpy(), np.stack([ds[i] for i in range(3)]))
