@@ -208,3 +208,91 @@ def test_batched_nms_edge_cases():
         assert batched_nms(boxes[:1], scores[:1], np.zeros(1, np.int64), 0.5, impl=impl).tolist() == [0]
         assert batched_nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), 0.5,
                            impl=impl).shape == (0,)
+
+
+# ---- NaN policy, bf16, to_host ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_nan_heatmaps_cpu_matches_reference(dtype):
+    """One NaN policy (``_reference``): NaN cells are never peaks nor in regions, a NaN neighbour blocks a
+    peak; the C++ kernel agrees bit for bit (the CUDA test uses the same maps)."""
+    from test_postprocess_cases import nan_maps
+
+    rng = np.random.default_rng(9)
+    for name, z in nan_maps(rng, (2, 3, 24, 31), dtype):
+        for cfg in (CONFIGS[0], CONFIGS[3], CONFIGS[4]):
+            t = thresholds(rng, 3)
+            ref = detect(z, t, cfg, impl="reference")
+            assert_detections_equal(ref, detect(z, t, cfg, impl="cpu"), f"{name} {cfg}")
+            ref_scores = ref.scores[ref.scores >= 0]
+            assert np.isfinite(ref_scores).all(), name
+            for b, k, j in zip(*np.nonzero(np.arange(cfg.max_peaks)[None, None] < ref.counts[..., None])):
+                x, y = ref.points[b, k, j]
+                win = z[b, k, max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+                assert not np.isnan(win.astype(np.float32)).any(), (name, b, k, x, y)  # no NaN around a peak
+    z = np.full((1, 2, 5, 5), np.nan, np.float32)
+    d = detect(z, [0.0, 0.5], impl="cpu")
+    assert d.counts.tolist() == [[0, 0]]
+
+
+def test_nan_scores_nms_order_cpu_matches_reference():
+    """NaN scores (either sign) rank after every number, -inf included, index ascending among them;
+    the C++ sort (a strict weak order now: no undefined behaviour) equals the numpy reference."""
+    from test_postprocess_cases import nan_scores
+
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 64, 500):
+        boxes, _, idxs = random_boxes(rng, n, n_groups=3, integer=True)
+        scores = nan_scores(rng, n)
+        for thr in (0.0, 0.5, 1.0):
+            ref = batched_nms(boxes, scores, idxs, thr, impl="reference")
+            np.testing.assert_array_equal(ref, batched_nms(boxes, scores, idxs, thr, impl="cpu"))
+        # no suppression: the order itself is visible
+        keep = batched_nms(boxes, scores, np.arange(n), 1.0, impl="cpu")
+        is_nan = np.isnan(scores[keep])
+        assert keep.shape == (n,)
+        assert not is_nan[: n - int(is_nan.sum())].any(), "a NaN score ranked before a number"
+        nan_part = keep[is_nan]
+        np.testing.assert_array_equal(nan_part, np.sort(nan_part))
+        finite = scores[keep[~is_nan]]
+        assert (finite[:-1] >= finite[1:]).all()  # descending, infinities included
+
+
+def test_bf16_heatmaps_cpu():
+    """bfloat16 heatmaps (torch, precision="bf16") are the function of their exact float32 widening."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    z = torch.from_numpy(np.asarray(smooth_logits_like(rng))).to(torch.bfloat16)
+    want = detect(z.float().numpy(), [0.4] * 3, impl="reference")
+    for impl in ("auto", "cpu", "reference"):
+        got = detect(z, [0.4] * 3, impl=impl)
+        assert isinstance(got.scores, torch.Tensor)
+        assert_detections_equal(want, Detections(*(a.numpy() for a in (got.counts, got.scores, got.points,
+                                                                          got.boxes))), impl)
+
+
+def smooth_logits_like(rng):
+    from test_postprocess_cases import smooth_logits
+
+    return smooth_logits(rng, (2, 3, 20, 17), radius=2)
+
+
+def test_to_host_cpu_returns_views():
+    from cxrkit.postprocess import to_host
+
+    rng = np.random.default_rng(1)
+    z = smooth_logits_like(rng)
+    d = detect(z, [0.4] * 3)
+    lg = rng.standard_normal((2, 3)).astype(np.float32)
+    lg_h, d_h = to_host(lg, d)
+    assert np.shares_memory(lg_h, lg)
+    for name in ("counts", "scores", "points", "boxes"):
+        assert np.shares_memory(getattr(d_h, name), getattr(d, name)), name
+    torch = pytest.importorskip("torch")
+    dt = detect(torch.from_numpy(z), [0.4] * 3)
+    lg_t = torch.from_numpy(lg).to(torch.bfloat16)
+    lg_h, d_h = to_host(lg_t, dt)
+    assert lg_h.dtype == np.float32 and isinstance(d_h.scores, np.ndarray)
+    np.testing.assert_array_equal(lg_h, lg_t.float().numpy())
+    assert np.shares_memory(d_h.boxes, dt.boxes.numpy())
+    assert_detections_equal(d, d_h)

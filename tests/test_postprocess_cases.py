@@ -46,6 +46,43 @@ def case_maps(rng, shape, dtype=np.float32):
     yield "border", border
 
 
+def nan_maps(rng, shape, dtype=np.float32):
+    """(name, logits) with NaN and infinite cells: the NaN policy of ``_reference`` (a NaN cell is never a
+    peak nor in a region, a NaN 8-neighbour blocks a peak), which every implementation must share."""
+    z = smooth_logits(rng, shape, radius=2, dtype=np.float32)
+    sprinkled = z.copy()
+    sprinkled[rng.random(shape) < 0.05] = np.nan
+    yield "nan_sprinkled", sprinkled.astype(dtype)
+    next_to_peaks = z.copy()  # NaN right beside the strongest cells, and a NaN run through a region
+    flat = next_to_peaks.reshape(-1, shape[-2] * shape[-1])
+    top = flat.argmax(axis=1)
+    for row, i in enumerate(top):
+        flat[row, min(i + 1, flat.shape[1] - 1)] = np.nan
+    next_to_peaks[..., shape[-2] // 2, :] = np.nan
+    yield "nan_beside_peaks", next_to_peaks.astype(dtype)
+    signs = z.copy()  # negative-signed NaN (sign bit set) and infinities
+    neg_nan = np.array(np.nan, np.float32)
+    neg_nan = np.copysign(neg_nan, -1.0)
+    signs[rng.random(shape) < 0.03] = neg_nan
+    signs[rng.random(shape) < 0.01] = np.inf
+    signs[rng.random(shape) < 0.01] = -np.inf
+    yield "nan_inf_signs", signs.astype(dtype)
+    yield "all_nan", np.full(shape, np.nan, dtype)
+
+
+def nan_scores(rng, n):
+    """Scores with NaN of both signs, infinities, zeros of both signs and ties."""
+    s = np.round(rng.random(n) * 4) / 4
+    s = s.astype(np.float32)
+    r = rng.random(n)
+    s[r < 0.15] = np.nan
+    s[(r >= 0.15) & (r < 0.22)] = np.copysign(np.float32(np.nan), -1.0)
+    s[(r >= 0.22) & (r < 0.27)] = -np.inf
+    s[(r >= 0.27) & (r < 0.30)] = np.inf
+    s[(r >= 0.30) & (r < 0.35)] = -0.0
+    return s
+
+
 CONFIGS = [
     LocalizeConfig(),
     LocalizeConfig(max_peaks=1, region_fraction=1.0, max_extent=0, iou_threshold=0.0),

@@ -11,6 +11,40 @@ typedef unsigned long long cxr_u64;
 
 __device__ __forceinline__ float cxr_inf() { return __int_as_float(0x7f800000); }
 
+// Warp-wide min / max / or of all 32 lanes. __reduce_*_sync exists on sm_80 and later only; older
+// GPUs (sm_70 / sm_75) get the same result from a butterfly of shuffles.
+__device__ __forceinline__ int cxr_warp_min(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(CXR_FULL_MASK, v);
+#else
+  for (int d = 16; d > 0; d >>= 1) v = min(v, __shfl_xor_sync(CXR_FULL_MASK, v, d));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ int cxr_warp_max(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(CXR_FULL_MASK, v);
+#else
+  for (int d = 16; d > 0; d >>= 1) v = max(v, __shfl_xor_sync(CXR_FULL_MASK, v, d));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ unsigned int cxr_warp_or(unsigned int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_or_sync(CXR_FULL_MASK, v);
+#else
+  for (int d = 16; d > 0; d >>= 1) v |= __shfl_xor_sync(CXR_FULL_MASK, v, d);
+  return v;
+#endif
+}
+
+// bfloat16 as its raw bits (no cuda_bf16.h needed): widening to float32 is exact, a 16-bit shift.
+struct cxr_bf16 {
+  unsigned short bits;
+};
+
 // Monotone map of non-NaN floats onto uint32 (-0.0 sorts just below +0.0; canonicalize first).
 __device__ __forceinline__ unsigned int cxr_float_to_ordered(float f) {
   const unsigned int u = __float_as_uint(f);

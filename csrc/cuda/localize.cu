@@ -20,6 +20,10 @@
 //     Box = bounding box of the region (edge units).
 //  5. bitmask NMS over the <= 64 boxes in shared memory, compaction, defaults for empty slots.
 //
+// NaN logits: a NaN cell is never a candidate nor part of a region, and a cell with a NaN 8-neighbour
+// is not a candidate (every comparison with NaN is false), as in the reference and the C++ kernel.
+//
+// GPUs: sm_80+ use __reduce_*_sync; sm_70 / sm_75 get a shuffle fallback (common.cuh).
 // Compile check: nvcc -c -arch=sm_90 --std=c++17 -o /dev/null csrc/cuda/localize.cu
 // At run time cxrkit/kernels/_cuda.py compiles it with CuPy RawModule (NVRTC), cached per arch.
 #include "common.cuh"
@@ -35,6 +39,10 @@ __device__ __forceinline__ float cxr_load(const float* p, long long i) { return 
 
 __device__ __forceinline__ float cxr_load(const __half* p, long long i) {
   return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p) + i)));
+}
+
+__device__ __forceinline__ float cxr_load(const cxr_bf16* p, long long i) {
+  return __uint_as_float((unsigned int)__ldg(reinterpret_cast<const unsigned short*>(p) + i) << 16);
 }
 
 // Steps 1-2: append keys >= key_min of the candidate cells to cand (count may exceed CXR_CAP).
@@ -301,12 +309,12 @@ __device__ __forceinline__ void cxr_region_box(const T* __restrict__ map, int h,
       }
     }
   }
-  rmin = __reduce_min_sync(CXR_FULL_MASK, rmin);
-  rmax = __reduce_max_sync(CXR_FULL_MASK, rmax);
+  rmin = cxr_warp_min(rmin);
+  rmax = cxr_warp_max(rmax);
   int cmin = 0x7fffffff, cmax = -1;
 #pragma unroll
   for (int c = 0; c < NW; ++c) {
-    const unsigned int o = __reduce_or_sync(CXR_FULL_MASK, cor[c]);
+    const unsigned int o = cxr_warp_or(cor[c]);
     if (o != 0u) {
       cmin = min(cmin, c * 32 + __ffs(o) - 1);
       cmax = max(cmax, c * 32 + 31 - __clz(o));
@@ -451,3 +459,7 @@ CXR_LOCALIZE_ENTRY(cxr_localize_f16_w1, __half, 1, 4)
 CXR_LOCALIZE_ENTRY(cxr_localize_f16_w2, __half, 2, 4)
 CXR_LOCALIZE_ENTRY(cxr_localize_f16_w3, __half, 3, 4)
 CXR_LOCALIZE_ENTRY(cxr_localize_f16_w5, __half, 5, 2)
+CXR_LOCALIZE_ENTRY(cxr_localize_bf16_w1, cxr_bf16, 1, 4)
+CXR_LOCALIZE_ENTRY(cxr_localize_bf16_w2, cxr_bf16, 2, 4)
+CXR_LOCALIZE_ENTRY(cxr_localize_bf16_w3, cxr_bf16, 3, 4)
+CXR_LOCALIZE_ENTRY(cxr_localize_bf16_w5, cxr_bf16, 5, 2)

@@ -3,7 +3,8 @@
 //
 //  1. cxr_nms_keys: 64-bit key per box, (~ordered(score) << 32 | index), stored with the top bit
 //     flipped so a signed int64 sort (torch / CuPy) orders it as unsigned: score descending,
-//     index ascending. Keys are unique, so any sort gives the same order.
+//     index ascending, NaN scores after all others (index ascending among them). Keys are unique,
+//     so any sort gives the same order.
 //  2. cxr_nms_gather: boxes and idxs in that order.
 //  3. cxr_nms_mask: 64 x 64 tiles, bit j of mask[i][cb] = box 64 cb + j comes after i, has the same
 //     idx and IoU(i, j) > threshold (as torchvision's nms kernel, plus the idx test).
@@ -21,7 +22,9 @@ extern "C" __global__ void cxr_nms_keys(const float* __restrict__ scores, int n,
   if (i >= n) return;
   float s = scores[i];
   if (s == 0.0f) s = 0.0f;  // -0.0 ties with +0.0
-  const cxr_u64 k = ((cxr_u64)(~cxr_float_to_ordered(s)) << 32) | (cxr_u64)(unsigned int)i;
+  // NaN (any sign or payload) ranks after every number, -inf included: ordered value 0
+  const unsigned int o = (s != s) ? 0u : cxr_float_to_ordered(s);
+  const cxr_u64 k = ((cxr_u64)(~o) << 32) | (cxr_u64)(unsigned int)i;
   keys[i] = (long long)(k ^ 0x8000000000000000ull);
 }
 

@@ -20,6 +20,13 @@ IoU: ``area = (x1 - x0) * (y1 - y0)``; ``iw = max(0, min(x1a, x1b) - max(x0a, x0
     ``inter = iw * ih``; ``iou = inter / ((area_a + area_b) - inter)``, each step rounded to float32
     (no fused multiply-add; min / max ignore a NaN operand like C's fminf / fmaxf); a box is
     dropped iff ``iou > float32(iou_threshold)`` (so a NaN IoU never suppresses).
+NaN (one policy, shared by numpy, C++ and CUDA, tested on all three):
+    heatmaps: every comparison with NaN is false, so a NaN logit is never a candidate nor part of a
+    region, and a cell with a NaN 8-neighbour is not a candidate (a model that emits NaN yields no
+    peaks there rather than peaks that depend on evaluation order).
+    NMS scores: a NaN score (either sign, any payload) ranks after every number, ``-inf`` included;
+    NaNs among themselves by index ascending. Such boxes are still kept unless suppressed.
+    bfloat16 heatmaps are the function of their (exact) float32 widening.
 """
 
 from __future__ import annotations
@@ -164,7 +171,7 @@ def batched_nms_reference(boxes, scores, idxs, iou_threshold: float) -> np.ndarr
     if len(scores) != n or len(idxs) != n:
         raise ValueError(f"boxes, scores and idxs must have the same length, got {n}, {len(scores)}, {len(idxs)}")
     iou_t = np.float32(iou_threshold)
-    order = np.lexsort((np.arange(n), -scores))
+    order = np.lexsort((np.arange(n), -scores))  # numpy sorts NaN last: the NaN policy above
     kept: list[int] = []
     for i in order:
         if not any(idxs[j] == idxs[i] and iou_f32(boxes[j], boxes[i]) > iou_t for j in kept):

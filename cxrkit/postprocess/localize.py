@@ -55,9 +55,15 @@ def _host_thresholds(peak_thresholds: Any) -> np.ndarray:
 
 
 def _host_heat(heatmap_logits: Any) -> np.ndarray:
-    heat = heatmap_logits.detach().numpy() if kernels.is_torch(heatmap_logits) else np.asarray(heatmap_logits)
+    if kernels.is_torch(heatmap_logits):
+        t = heatmap_logits.detach()
+        if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16; widening to float32 is exact
+            t = t.float()
+        heat = t.numpy()
+    else:
+        heat = np.asarray(heatmap_logits)
     if heat.dtype not in (np.float16, np.float32):
-        raise TypeError(f"heatmap_logits must be float16 or float32, got {heat.dtype}")
+        raise TypeError(f"heatmap_logits must be float16, bfloat16 (torch) or float32, got {heat.dtype}")
     if heat.ndim != 4:
         raise ValueError(f"heatmap_logits must be (B, K, h, w), got shape {heat.shape}")
     return np.ascontiguousarray(heat)
@@ -73,14 +79,22 @@ def _like_input(x: Any, arrays: tuple) -> tuple:
 
 def detect(heatmap_logits: Any, peak_thresholds: Any, cfg: LocalizeConfig = LocalizeConfig(), *,
            impl: str = "auto", num_threads: int = 0, out: Detections | None = None) -> Detections:
-    """Heatmap logits (B, K, h, w) float32/float16 -> :class:`Detections`.
+    """Heatmap logits (B, K, h, w) float32 / float16 / bfloat16 (torch) -> :class:`Detections`.
+
+    bfloat16 maps are widened to float32 exactly (on the GPU inside the kernel, on the host by one
+    cast), so every dtype gives the function of its float32 values.
 
     peak_thresholds: (K,) probabilities; a cell is a peak candidate iff its logit is >= the logit of
         its threshold and >= its 8 neighbours. See ``_reference`` for the full definition.
     impl: "auto" (by device: CUDA arrays -> CUDA kernel, host arrays -> C++), "reference" (numpy),
         "cpu" (C++, cxrkit._C) or "cuda" (CuPy/NVRTC kernel).
     num_threads: C++ worker threads (0: all cores).
-    out: preallocated Detections (CUDA only), e.g. for CUDA graph capture.
+    out: preallocated Detections (CUDA only), e.g. for CUDA graph capture: arrays of the input's
+        library on its device, C-contiguous, with exactly the shapes and dtypes documented on
+        :class:`Detections` (M = cfg.max_peaks); anything else raises ValueError / TypeError.
+
+    NaN logits: a NaN cell is never a peak nor part of a region, and a cell with a NaN 8-neighbour
+    is not a peak (all three implementations; see ``_reference``).
     """
     which = kernels.resolve_impl(heatmap_logits, impl)
     t_logit = _host_thresholds(peak_thresholds)
