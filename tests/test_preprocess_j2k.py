@@ -236,3 +236,117 @@ def test_j2k_decoder_failure_falls_back_to_the_cpu_decode(shared_data):
     assert "CPU decode failed too" in str(res.errors[2])
     assert res.ok_positions == [0, 1]
     assert unit_diff(res.batch[0], ref) <= TOL_MAP and unit_diff(res.batch[1], ref) <= TOL_MAP
+
+
+# --- J2K DICOMs encoded here: the decoder's uint16 rescaling (dicom_j2k.dali_uint16_multiplier) -----
+# These need no ../shared/data, so they also run on the GPU machine. Lossless J2K, odd sizes >= 32
+# (OpenJPEG's default 6 resolution levels), 8/12/15/16-bit stored values with and without a window.
+
+def _j2k_dicom(bits: int, hw: tuple[int, int], seed: int, window: bool, mono1: bool = False) -> bytes:
+    import io as _io
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    rng = np.random.default_rng(seed)
+    top = 2**bits - 1
+    yy, xx = np.mgrid[0:hw[0], 0:hw[1]]
+    smooth = 0.5 + 0.35 * np.sin(yy / 7.0 + seed) * np.cos(xx / 11.0)
+    px = np.clip(np.round(smooth * top + rng.normal(0, top * 0.02, hw)), 0, top)
+    px[: hw[0] // 6, : hw[1] // 5] = top  # saturated corner: the window clips it
+    px = px.astype(np.uint8 if bits <= 8 else np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # DX
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "J2K-PROBE"
+    ds.Rows, ds.Columns = hw
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.BitsAllocated = 8 if bits <= 8 else 16
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    if window:
+        ds.WindowCenter, ds.WindowWidth = round(top * 0.45), round(top * 0.5)
+    ds.PixelData = px.tobytes()
+    ds.compress(JPEG2000Lossless, px, encoding_plugin="pylibjpeg")
+    b = _io.BytesIO()
+    ds.save_as(b, enforce_file_format=True)
+    return b.getvalue()
+
+
+J2K_CASES = [(8, (40, 57), False), (12, (64, 45), True), (15, (37, 70), False), (15, (48, 48), True),
+             (16, (33, 40), True)]
+
+
+def _j2k_items(device_cuda: bool):
+    """(deferred items as the Detector reads them, references on io's pixels of a plain load)."""
+    pytest.importorskip("pylibjpeg")
+    pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg encodes the J2K frames")
+    items, refs = [], []
+    for k, (bits, hw, window) in enumerate(J2K_CASES):
+        data = _j2k_dicom(bits, hw, seed=k, window=window, mono1=k == 3)
+        enc = load_item(data, k, keep_j2k_frame=True)
+        full = load_item(data, k)
+        assert is_encoded_j2k(enc), (bits, hw)
+        items.append(enc)
+        refs.append(preprocess_reference(full.pixels, full.value_range, HW, MEAN, STD)[0])
+    return items, refs
+
+
+def test_codestream_precision_and_multipliers():
+    from cxrkit.io.dicom_j2k import codestream_precision, dali_uint16_multiplier
+
+    pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg encodes the J2K frames")
+    for bits, hw, window in J2K_CASES:
+        enc = load_item(_j2k_dicom(bits, hw, seed=0, window=window), 0, keep_j2k_frame=True)
+        assert codestream_precision(enc.encoded) == bits
+        # the same codestream inside a JP2 wrapper (some writers do that)
+        ftyp = b"\0\0\0\x14ftypjp2 \0\0\0\0jp2 "
+        jp2 = b"\0\0\0\x0cjP  \r\n\x87\n" + ftyp + (8 + len(enc.encoded)).to_bytes(4, "big") + b"jp2c" + enc.encoded
+        assert codestream_precision(jp2) == bits
+    assert codestream_precision(b"\xff\xd8\xff\xe0" + bytes(60)) is None  # a JPEG
+    assert codestream_precision(b"\xff\x4f\xff\x51") is None  # truncated
+    assert dali_uint16_multiplier(12, gpu=True) == pytest.approx(65535 / 4095)
+    assert dali_uint16_multiplier(15, gpu=True) == pytest.approx(65535 / 32767)
+    assert dali_uint16_multiplier(16, gpu=True) == 1.0 and dali_uint16_multiplier(16, gpu=False) == 1.0
+    assert dali_uint16_multiplier(8, gpu=False) == 257.0 and dali_uint16_multiplier(12, gpu=False) == 1.0
+    # undoing it restores every stored value exactly, whatever the decoder's rounding
+    for p in (5, 8, 12, 15, 16):
+        s = np.arange(2**p, dtype=np.float64)
+        m = dali_uint16_multiplier(p, gpu=True)
+        for x in (np.floor(s * m + 0.5), np.floor(s * m), np.ceil(s * m)):
+            back = np.floor(x.astype(np.float32) * np.float32(1 / m) + np.float32(0.5))
+            np.testing.assert_array_equal(back, s)
+
+
+@pytest.mark.dali
+def test_encoded_j2k_bit_depths_on_dali_cpu():
+    """8/12/15/16-bit J2K DICOMs through DALI's CPU J2K route equal the reference on io's pixels
+    (8-bit frames come out x257 from DALI's uint16 decode: undone per sample)."""
+    items, refs = _j2k_items(device_cuda=False)
+    with Preprocessor(HW, MEAN, STD, backend="dali", dicom_j2k="dali", batch_size=8) as pre:
+        res = pre.run(items)
+        assert set(pre._pipes) == {(True, "uint16", True)}  # every frame went through the J2K route
+    assert res.errors == {} and res.ok_positions == list(range(len(items)))
+    for row, (bits, hw, window) in enumerate(J2K_CASES):
+        assert unit_diff(res.batch[row], refs[row]) <= TOL_MAP, (bits, hw, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.dali
+def test_encoded_j2k_bit_depths_on_the_gpu():
+    """The same DICOMs on device="cuda" (nvJPEG2000): a 12-bit frame decodes x16.004 and a 15-bit one
+    x2.00003 there; the pipeline must undo it (issue 12, item 3). Needs no ../shared/data."""
+    torch = pytest.importorskip("torch")
+    items, refs = _j2k_items(device_cuda=True)
+    with Preprocessor(HW, MEAN, STD, device="cuda", backend="dali", batch_size=8) as pre:
+        res = pre.run(items)
+        assert (True, "uint16", True) in pre._pipes  # nvJPEG2000, not the CPU fallback
+    assert res.errors == {}, {k: str(v) for k, v in res.errors.items()}
+    assert isinstance(res.batch, torch.Tensor) and res.batch.is_cuda
+    out = res.batch.cpu().numpy()
+    for row, (bits, hw, window) in enumerate(J2K_CASES):
+        d = unit_diff(out[row], refs[row])
+        assert d <= 2e-5, f"{bits}-bit {hw} window={window}: {d:.3g} (decoder scaling not undone?)"

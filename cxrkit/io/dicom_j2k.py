@@ -15,6 +15,11 @@ when the image is inverted (MONOCHROME1 or Presentation LUT Shape INVERSE, cxrki
 or when the slope is negative. Clipping to the window and the inversion are then both expressed by
 that (possibly inverted) range, which the pipeline applies exactly like the reference does.
 
+Decoded values: nvJPEG2000 (DALI "mixed") scales a p-bit frame decoded as uint16 to the full uint16
+range, DALI's CPU decoder only frames of <= 8 bits (:func:`dali_uint16_multiplier`); the pipeline
+undoes that per sample before it clamps to the stored-unit range, using the precision read from
+the codestream (:func:`codestream_precision`).
+
 The item format (what cxrkit.io is asked to provide for a DICOM LoadedImage, see
 :func:`attach_j2k_frame`): ``encoded`` = the frame's JPEG 2000 codestream bytes and
 ``meta["linear_stored_range"] = (lo, hi)`` in stored units; ``meta["transfer_syntax"]`` one of
@@ -35,6 +40,8 @@ __all__ = [
     "linear_stored_range",
     "attach_j2k_frame",
     "is_encoded_j2k",
+    "codestream_precision",
+    "dali_uint16_multiplier",
 ]
 
 J2K_TRANSFER_SYNTAXES = frozenset({
@@ -44,6 +51,55 @@ J2K_TRANSFER_SYNTAXES = frozenset({
     "1.2.840.10008.1.2.4.202",  # HTJ2K (Lossless RPCL)
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 })
+
+
+def codestream_precision(data: bytes) -> int | None:
+    """Bit depth (1..38) of component 0 from a JPEG 2000 / HTJ2K codestream's SIZ marker (``Ssiz``),
+    or None when ``data`` is not a codestream that starts SOC, SIZ (a JP2 file wrapper is looked
+    into for its ``jp2c`` box). Signed components also give None (the linear route is unsigned)."""
+    mv = memoryview(data)
+    if bytes(mv[:4]) != b"\xff\x4f\xff\x51" and bytes(mv[4:8]) == b"jP  ":  # JP2 boxes: find jp2c
+        off = 0
+        while off + 8 <= len(mv):
+            size = int.from_bytes(mv[off:off + 4], "big")
+            kind = bytes(mv[off + 4:off + 8])
+            head = 8
+            if size == 1 and off + 16 <= len(mv):
+                size, head = int.from_bytes(mv[off + 8:off + 16], "big"), 16
+            if kind == b"jp2c":
+                mv = mv[off + head:]
+                break
+            if size < head:
+                return None
+            off += size
+    # SOC, SIZ, Lsiz(2) Rsiz(2) 8 x 4-byte sizes, Csiz(2), then Ssiz of component 0 at offset 42
+    if len(mv) < 43 or bytes(mv[:4]) != b"\xff\x4f\xff\x51":
+        return None
+    ssiz = mv[42]
+    if ssiz & 0x80:
+        return None
+    return (ssiz & 0x7F) + 1
+
+
+def dali_uint16_multiplier(precision: int, gpu: bool) -> float:
+    """The factor by which DALI's ``fn.decoders.image(dtype=UINT16)`` multiplies a ``precision``-bit
+    unsigned JPEG 2000 sample (read in DALI 2.4's ``imgcodec`` decoder source, 2026-11-30, and
+    measured on the CPU; the GPU side is checked by tests/test_preprocess_j2k.py on a GPU):
+
+    - both devices convert the decoded type to uint16's dynamic range: frames of <= 8 bits are
+      decoded as uint8 and come out x257 (65535 / 255);
+    - on the GPU ("mixed", nvJPEG2000) DALI also stretches the codestream's precision to the full
+      range of that type (``DynamicRangeMultiplier`` = max / (2^p - 1), then rounds), so in all a
+      p-bit frame comes out x 65535 / (2^p - 1): 12-bit x16.004, 15-bit x2.00003; its CPU
+      backend skips that step (a TODO in DALI), so 9..16-bit frames come out unscaled there.
+
+    The pipeline divides by this factor and rounds, which restores the stored values exactly (the
+    decoder's rounding error, <= 0.5, shrinks below 0.25 of one stored unit)."""
+    if not 1 <= precision <= 16:
+        raise ValueError(f"precision must be 1..16 for a uint16 decode, got {precision}")
+    if gpu:
+        return 65535.0 / float((1 << precision) - 1)
+    return 257.0 if precision <= 8 else 1.0
 
 
 def _float(value: Any, default: float) -> float:

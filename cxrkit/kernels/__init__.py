@@ -15,7 +15,8 @@ from typing import Any
 
 from ..errors import BackendUnavailableError
 
-__all__ = ["IMPLS", "array_device", "resolve_impl", "cpu_module", "cuda_module", "is_torch", "is_cupy"]
+__all__ = ["IMPLS", "array_device", "resolve_impl", "cpu_module", "cuda_module", "is_torch", "is_cupy",
+           "raise_if_oom"]
 
 IMPLS = ("auto", "reference", "cpu", "cuda")
 
@@ -89,3 +90,13 @@ def cuda_module():
             "(or pip install 'cxrkit[gpu]')"
         ) from exc
     return importlib.import_module("cxrkit.kernels._cuda")
+
+
+def raise_if_oom(exc: BaseException, what: str) -> None:
+    """Raise cxrkit's OutOfMemoryError (from ``exc``) if ``exc`` is an out-of-device-memory error of
+    CuPy, torch or CUDA; return otherwise (the caller re-raises ``exc``)."""
+    from ..backends.base import as_out_of_memory
+
+    oom = as_out_of_memory(exc, what)
+    if oom is not None:
+        raise oom from exc

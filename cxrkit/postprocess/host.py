@@ -60,11 +60,18 @@ def to_host(logits: Any, detections: Detections) -> tuple[np.ndarray, Detections
                          "keep the runner's outputs and detect() on one device")
     shapes = [tuple(int(d) for d in a.shape) for a in arrays]
     if all(kernels.is_torch(a) for a in arrays):
-        words = _pack_torch(arrays)
+        pack = _pack_torch
     elif all(kernels.is_cupy(a) for a in arrays):
-        words = _pack_cupy(arrays)
+        pack = _pack_cupy
     else:
         raise ValueError("to_host: CUDA arrays must all be torch tensors or all CuPy arrays")
+    try:
+        words = pack(arrays)
+    except ValueError:
+        raise
+    except Exception as e:  # device or pinned-host out of memory -> cxrkit's OutOfMemoryError
+        kernels.raise_if_oom(e, "to_host")
+        raise
     out, off = [], 0
     for (name, dt), shape in zip(_SECTIONS, shapes):
         n = int(np.prod(shape, dtype=np.int64))

@@ -99,9 +99,15 @@ def detect(heatmap_logits: Any, peak_thresholds: Any, cfg: LocalizeConfig = Loca
     which = kernels.resolve_impl(heatmap_logits, impl)
     t_logit = _host_thresholds(peak_thresholds)
     if which == "cuda":
-        res = kernels.cuda_module().localize(
-            heatmap_logits, t_logit, cfg.max_peaks, cfg.region_fraction, cfg.max_extent, cfg.iou_threshold,
-            out=None if out is None else (out.counts, out.scores, out.points, out.boxes))
+        try:
+            res = kernels.cuda_module().localize(
+                heatmap_logits, t_logit, cfg.max_peaks, cfg.region_fraction, cfg.max_extent, cfg.iou_threshold,
+                out=None if out is None else (out.counts, out.scores, out.points, out.boxes))
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:  # CuPy / torch out of device memory -> cxrkit's OutOfMemoryError
+            kernels.raise_if_oom(e, "localize (CUDA)")
+            raise
         return Detections(*res)
     if out is not None:
         raise ValueError("out= is supported for impl='cuda' only")

@@ -25,11 +25,19 @@ def _host(a: Any, dtype) -> np.ndarray:
 def batched_nms(boxes: Any, scores: Any, idxs: Any, iou_threshold: float, *, impl: str = "auto"):
     """boxes (N, 4) float32 x0, y0, x1, y1; scores (N,) float32; idxs (N,) int64 -> keep (int64).
 
+    NaN scores rank after every number (see ``_reference``).
+
     Returns an array of the input's library on its device (numpy for host arrays other than torch).
     """
     which = kernels.resolve_impl(boxes, impl)
     if which == "cuda":
-        return kernels.cuda_module().batched_nms(boxes, scores, idxs, float(iou_threshold))
+        try:
+            return kernels.cuda_module().batched_nms(boxes, scores, idxs, float(iou_threshold))
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:  # out of device memory -> cxrkit's OutOfMemoryError
+            kernels.raise_if_oom(e, "batched_nms (CUDA)")
+            raise
     b, s, g = _host(boxes, np.float32).reshape(-1, 4), _host(scores, np.float32).reshape(-1), _host(idxs, np.int64).reshape(-1)
     if not (len(b) == len(s) == len(g)):
         raise ValueError(f"boxes, scores and idxs must have the same length, got {len(b)}, {len(s)}, {len(g)}")

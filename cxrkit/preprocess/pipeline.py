@@ -38,6 +38,7 @@ import functools
 import io as _io
 import logging
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,10 +47,11 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from cxrkit.config import Device, device_index
-from cxrkit.errors import BackendUnavailableError, DecodeError, InputError
+from cxrkit.backends.base import as_out_of_memory
+from cxrkit.errors import BackendUnavailableError, CxrkitError, DecodeError, InputError, OutOfMemoryError
 from cxrkit.preprocess._blas import blas_single_thread
-from cxrkit.io.dicom_j2k import is_encoded_j2k
-from cxrkit.preprocess.letterbox import LetterboxTransform, letterbox_geometry
+from cxrkit.io.dicom_j2k import codestream_precision, dali_uint16_multiplier, is_encoded_j2k
+from cxrkit.preprocess.letterbox import FITS, LetterboxTransform, letterbox_geometry
 from cxrkit.preprocess.reference import (
     check_value_range,
     clip_to_range,
@@ -77,7 +79,8 @@ class PreprocessResult:
     batch: Any  # (N_ok, 1, H, W) float32: np.ndarray on CPU, torch CUDA tensor on device="cuda"
     transforms: list[LetterboxTransform]  # one per ok item, same order as batch rows
     ok_positions: list[int]  # positions in `images` that made it into `batch`, ascending
-    errors: dict[int, InputError] = field(default_factory=dict)  # position -> typed error
+    # position -> typed error: InputError (bad item) or OutOfMemoryError (the item did not fit alone)
+    errors: dict[int, CxrkitError] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -117,7 +120,12 @@ def _graph() -> Any:
                 adjust_orientation=False, **hw,
             )  # (h, w, 1)
             shape = fn.peek_image_shape(data, adjust_orientation=False)  # (3,) h, w, c from header
-            if clip:  # saturate to the value range (stored units) before the resize, as the
+            if clip:  # JPEG 2000 DICOM frames. First undo the decoder's rescaling of the sample
+                # precision to the uint16 range (dicom_j2k.dali_uint16_multiplier: x16.004 for a
+                # 12-bit frame on the GPU): floor(x / m + 0.5) restores the stored values exactly.
+                unscale = fn.external_source(name="unscale", dtype=types.FLOAT, ndim=0)  # 1 / m
+                img = dmath.floor(img * unscale + 0.5)  # (h, w, 1) float32, stored units
+                # then saturate to the value range (stored units) before the resize, as the
                 # reference; float bounds (a window edge may fall between two stored values)
                 lo_c = fn.external_source(name="clip_lo", dtype=types.FLOAT, ndim=0)
                 hi_c = fn.external_source(name="clip_hi", dtype=types.FLOAT, ndim=0)
@@ -240,6 +248,7 @@ def _dali_reason(exc: BaseException) -> str:
 
 
 _Key = tuple[bool, str, bool]  # pipeline variant: (encoded, dtype name, clip)
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample #(\d+)")  # DALI's image decoder names the sample
 
 
 class _Job(NamedTuple):  # one item on its way through a DALI pipeline variant
@@ -250,6 +259,7 @@ class _Job(NamedTuple):  # one item on its way through a DALI pipeline variant
     value_range: tuple[float, float]
     extent: tuple[float, float]  # raw: the image part [0, eh) x [0, ew) of `data`
     clip: tuple[float, float] | None = None  # encoded + clip: (min, max) of the value range
+    unscale: float = 1.0  # encoded + clip: 1 / the decoder's uint16 multiplier (dicom_j2k.py)
 
 
 def _native_available() -> bool:
@@ -265,7 +275,8 @@ class Preprocessor:
 
     Options beyond the model's geometry and normalisation:
       device: "cpu" or "cuda[:i]"; on CUDA, ``run`` returns a (N, 1, H, W) float32 CUDA tensor,
-        complete (its stream synchronised) when ``run`` returns.
+        complete when ``run`` returns (the copies run on the preprocessor's own stream and ``run``
+        waits for their event only, never for the default stream or the whole device).
       backend: "auto" (CPU: "native" when cxrkit._C is built; CUDA: DALI if installed; else numpy),
         "dali", "numpy" (the reference itself) or "native" (Pillow decode + the C++ resize).
       batch_size: images per DALI run; num_threads: DALI CPU threads (decode, resize on "cpu";
@@ -276,6 +287,8 @@ class Preprocessor:
         1/k scale in the DCT domain (libjpeg, k = dct_scale()), then resize the rest with the same
         filter. Faster; NOT the reference function: differences are largest at sharp edges (text,
         borders; see tests/test_preprocess.py for the measured tolerance). Default False.
+      fit: "letterbox" (default), "center_crop" or "stretch": how the image is fitted to the input
+        (a model card's ``input.fit``; see letterbox.py). Every path computes the same function.
       dicom_j2k: "auto": on CUDA, JPEG 2000 DICOM frames with a linear mapping are decoded by
         nvJPEG2000 (see dicom_j2k.py); on CPU io's decoded pixels are used. "dali": the DALI
         decoder on every device (CPU: OpenJPEG). "pixels": always io's decoded pixels.
@@ -295,6 +308,7 @@ class Preprocessor:
         hw_decoder_load: float = HW_DECODER_LOAD,
         jpeg_dct_scaling: bool = False,
         dicom_j2k: str = "auto",
+        fit: str = "letterbox",
     ) -> None:
         global _warned_no_dali
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
@@ -313,6 +327,9 @@ class Preprocessor:
         self.hw_decoder_load = float(hw_decoder_load)
         self.jpeg_dct_scaling = bool(jpeg_dct_scaling)
         self.dicom_j2k = dicom_j2k
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        self.fit = fit
         if backend not in ("auto", "dali", "numpy", "native"):
             raise ValueError(f"backend must be 'auto', 'dali', 'numpy' or 'native', got {backend!r}")
         # "native": the numpy path with the resize in cxrkit._C (resize_linear_aa_fast, the same
@@ -339,6 +356,7 @@ class Preprocessor:
         self._fill = pad_value(self.mean, self.std)
         self._pipes: dict[_Key, Any] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._stream: Any = None  # CUDA: own stream for the DALI -> torch copies (_copy_stream)
 
     # -- public -------------------------------------------------------------------------------
     def run(self, images: Sequence[Any]) -> PreprocessResult:
@@ -365,12 +383,20 @@ class Preprocessor:
             dev = torch.device("cuda", self.device_id)
             if self.backend == "dali":  # rows: (1, H, W) views of per-chunk CUDA tensors
                 with torch.cuda.device(dev):
-                    out = (torch.stack(rows) if rows
-                           else torch.empty((0, 1, H, W), dtype=torch.float32, device=dev))
-                    # The chunk copies and the stack ran on this thread's current stream; the
-                    # consumer (the Detector's inference, another thread, maybe another stream)
-                    # gets a finished tensor. Waits for this batch's GPU work only.
-                    torch.cuda.current_stream(dev).synchronize()
+                    cur, side = torch.cuda.current_stream(dev), self._copy_stream()
+                    out = torch.empty((len(rows), 1, H, W), dtype=torch.float32, device=dev)
+                    if rows:
+                        side.wait_stream(cur)  # `out` may reuse memory that cur's queued work still reads
+                        with torch.cuda.stream(side):
+                            torch.stack(rows, out=out)
+                        out.record_stream(side)
+                    done = torch.cuda.Event()
+                    done.record(side)
+                # The chunk copies and the stack ran on the preprocessor's own stream; waiting for
+                # its event waits for this batch's copies only (not the default stream, where a
+                # host sync would also wait for other threads' inference). The consumer (the
+                # Detector's inference, another thread, maybe another stream) gets a finished tensor.
+                done.synchronize()
                 return out  # (N_ok, 1, H, W) contiguous: batch[a:b] slices are views
         batch = np.empty((len(rows), 1, H, W), dtype=np.float32)  # (N_ok, 1, H, W)
         for row, arr in enumerate(rows):
@@ -380,6 +406,14 @@ class Preprocessor:
 
             return torch.from_numpy(batch).to(torch.device("cuda", self.device_id))
         return batch
+
+    def _copy_stream(self) -> Any:
+        """The preprocessor's own CUDA stream for DALI -> torch copies (created on first use)."""
+        if self._stream is None:
+            import torch
+
+            self._stream = torch.cuda.Stream(torch.device("cuda", self.device_id))
+        return self._stream
 
     def close(self) -> None:
         self._pipes.clear()
@@ -398,7 +432,7 @@ class Preprocessor:
         """1, or the DCT scale to decode `img` at (jpeg_dct_scaling, CPU, 8-bit JPEG, factor >= 2)."""
         if not self.jpeg_dct_scaling or self.device != Device.CPU or not _dct_candidate(img):
             return 1
-        t = letterbox_geometry(img.image_size, self.input_hw)
+        t = letterbox_geometry(img.image_size, self.input_hw, self.fit)
         return dct_scale(t.src_hw, t.resized_hw)
 
     def _j2k_encoded(self, img: Any) -> bool:
@@ -438,7 +472,7 @@ class Preprocessor:
                 extent, src_hw = None, px.shape
             return pos, preprocess_reference(
                 px, vr, self.input_hw, self.mean, self.std, src_hw=src_hw, extent_hw=extent,
-                fast=self.fast_resize,
+                fast=self.fast_resize, fit=self.fit,
             )
         except InputError as e:
             return pos, e
@@ -472,12 +506,15 @@ class Preprocessor:
             px, extent = got
             src_hw = (int(img.image_size[0]), int(img.image_size[1]))
             return (False, "uint8", False), _Job(pos, img.source, img.format, px[:, :, None], (0.0, 255.0), extent), src_hw
-        if self._j2k_encoded(img):  # DICOM JPEG 2000 frame, value range in stored units
+        precision = codestream_precision(img.encoded) if self._j2k_encoded(img) else None
+        if precision is not None and precision <= 16:  # DICOM JPEG 2000 frame, range in stored units
             lo, hi = check_value_range(img.meta["linear_stored_range"], img.source)
             clip = (min(lo, hi), max(lo, hi))
             data = np.frombuffer(img.encoded, dtype=np.uint8)  # (n_bytes,)
             src_hw = (int(img.image_size[0]), int(img.image_size[1]))
-            return (True, "uint16", True), _Job(pos, img.source, "jpeg2000", data, (lo, hi), src_hw, clip), src_hw
+            unscale = 1.0 / dali_uint16_multiplier(precision, gpu=self.device == Device.CUDA)
+            return (True, "uint16", True), _Job(pos, img.source, "jpeg2000", data, (lo, hi), src_hw, clip,
+                                                unscale), src_hw
         enc_dtype = _encoded_dtype(img)
         if enc_dtype is not None:
             data = np.frombuffer(img.encoded, dtype=np.uint8)  # (n_bytes,)
@@ -498,7 +535,7 @@ class Preprocessor:
         for pos, img in enumerate(images):
             try:
                 key, job, src_hw = self._job(pos, img, decoded)
-                transforms[pos] = letterbox_geometry(src_hw, self.input_hw)
+                transforms[pos] = letterbox_geometry(src_hw, self.input_hw, self.fit)
             except InputError as e:
                 errors[pos] = e
                 continue
@@ -511,28 +548,77 @@ class Preprocessor:
 
         for key, jobs in groups.items():
             for i in range(0, len(jobs), self.batch_size):
-                chunk = jobs[i : i + self.batch_size]
-                try:
-                    self._run_chunk(key, chunk, transforms, outputs, errors)
-                except Exception as e:  # a bad item spoils the DALI batch: find it, keep the rest
-                    _log.info("DALI batch of %d failed (%s); retrying one by one", len(chunk),
-                              str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self._pipes.pop(key, None)  # rebuild: a failed pipeline may be unusable
-                    for one in chunk:
-                        try:
-                            self._run_chunk(key, [one], transforms, outputs, errors)
-                        except Exception as e1:
-                            self._pipes.pop(key, None)
-                            if self._cpu_fallback(one.pos, images[one.pos], transforms, outputs, errors, e1):
-                                continue
-                            errors[one.pos] = DecodeError(
-                                one.source, f"DALI could not decode this {one.format} image "
-                                f"({_dali_reason(e1)}); the file is corrupt or truncated, or "
-                                "uses a variant DALI does not read",
-                            )
+                self._run_jobs(key, jobs[i : i + self.batch_size], images, transforms, outputs, errors)
         for pos in errors:
             transforms.pop(pos, None)
         timings["pipeline"] = (time.perf_counter() - t1) * 1e3
+
+    def _run_jobs(self, key: _Key, jobs: list[_Job], images, transforms, outputs, errors) -> None:
+        """Run ``jobs`` (<= batch_size) through one pipeline variant; a bad item never spoils the rest.
+
+        A failed run drops the pipeline (DALI: "Current pipeline object is no longer valid"; it is
+        rebuilt on next use, so every run after a failure is on a fresh pipeline) and then:
+        - out of device memory: DALI's unused pool memory is released and the jobs run in halves;
+          an item that alone still does not fit gets OutOfMemoryError (never "corrupt");
+        - a decode error naming its sample ("Failed to decode sample #k", DALI's decoder): that
+          item runs alone, the rest together again (one bad file in 256: three runs, not 257);
+        - otherwise: halves, recursively (log2 n levels).
+        A single item that fails on its own is the item's fault: the CPU fallback for J2K DICOM
+        frames, else a DecodeError.
+        """
+        try:
+            self._run_chunk(key, jobs, transforms, outputs, errors)
+            return
+        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError for everything
+            err = e
+        self._pipes.pop(key, None)
+        oom = as_out_of_memory(err, "DALI preprocessing")
+        if oom is not None:
+            self._release_device_memory()
+        if len(jobs) == 1:
+            one = jobs[0]
+            if oom is not None and getattr(images[one.pos], "decode_fallback", None) is None:
+                errors[one.pos] = OutOfMemoryError(
+                    f"{one.source!r}: out of GPU memory preprocessing this {one.format} image alone "
+                    f"({_dali_reason(err)}); free GPU memory or use a smaller batch_size")
+                errors[one.pos].__cause__ = err
+                return
+            if self._cpu_fallback(one.pos, images[one.pos], transforms, outputs, errors, err):
+                return
+            errors[one.pos] = DecodeError(
+                one.source, f"DALI could not decode this {one.format} image ({_dali_reason(err)}); the "
+                "file is corrupt or truncated, or uses a variant DALI does not read",
+            )
+            return
+        m = None if oom is not None else _FAILED_SAMPLE.search(str(err))
+        k = int(m.group(1)) if m else -1
+        if 0 <= k < len(jobs):
+            parts = [[jobs[k]], jobs[:k] + jobs[k + 1:]]
+        else:
+            mid = len(jobs) // 2
+            parts = [jobs[:mid], jobs[mid:]]
+        _log.info("DALI batch of %d failed (%s); retrying as %s", len(jobs),
+                  "out of memory" if oom is not None else _dali_reason(err)[:120], [len(p) for p in parts])
+        for part in parts:
+            self._run_jobs(key, part, images, transforms, outputs, errors)
+
+    def _release_device_memory(self) -> None:
+        """After an out-of-memory error: give DALI's and torch's cached, unused device memory back."""
+        try:
+            from nvidia.dali import backend as dali_backend
+
+            release = getattr(dali_backend, "ReleaseUnusedMemory", None)
+            if release is not None:
+                release()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        if self.device == Device.CUDA:
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
 
     def _cpu_fallback(self, pos: int, img: Any, transforms, outputs, errors, exc: BaseException) -> bool:
         """A DICOM JPEG 2000 frame the GPU decoder refused: decode it on the CPU (io) and run it
@@ -544,7 +630,7 @@ class Preprocessor:
         key = None
         try:
             key, job, src_hw = self._job(pos, fallback(), {})
-            transforms[pos] = letterbox_geometry(src_hw, self.input_hw)
+            transforms[pos] = letterbox_geometry(src_hw, self.input_hw, self.fit)
             self._run_chunk(key, [job], transforms, outputs, errors)
         except InputError as e:
             errors[pos] = e
@@ -553,7 +639,13 @@ class Preprocessor:
         except Exception as e:  # noqa: BLE001 - the item's own error, never the batch's
             if key is not None:
                 self._pipes.pop(key, None)
-            errors[pos] = DecodeError(img.source, f"could not preprocess the CPU-decoded JPEG 2000 frame ({_dali_reason(e)})")
+            oom = as_out_of_memory(e, "DALI preprocessing")
+            if oom is not None:
+                errors[pos] = OutOfMemoryError(f"{img.source!r}: out of GPU memory preprocessing the CPU-decoded "
+                                               f"JPEG 2000 frame ({_dali_reason(e)})")
+            else:
+                errors[pos] = DecodeError(img.source, "could not preprocess the CPU-decoded JPEG 2000 frame "
+                                          f"({_dali_reason(e)})")
         return True
 
     def _pipeline(self, key: _Key) -> Any:
@@ -584,13 +676,15 @@ class Preprocessor:
             feeds["size"].append(np.array([nh, nw], dtype=f32))
             feeds["shift"].append(np.array(lo + self.mean * (hi - lo), dtype=f32))
             feeds["scale"].append(np.array((hi - lo) * self.std, dtype=f32))
-            feeds["pos_y"].append(np.array(top / (H - nh) if H > nh else 0.0, dtype=f32))
-            feeds["pos_x"].append(np.array(left / (W - nw) if W > nw else 0.0, dtype=f32))
+            # a crop (fit="center_crop": nh > H, top < 0) gives the same anchor round(pos * (nh - H)) = -top
+            feeds["pos_y"].append(np.array(top / (H - nh) if H != nh else 0.0, dtype=f32))
+            feeds["pos_x"].append(np.array(left / (W - nw) if W != nw else 0.0, dtype=f32))
         if not encoded:
             feeds["roi_end"] = [np.array(job.extent, dtype=f32) for job in chunk]
         if clip:
             feeds["clip_lo"] = [np.array(job.clip[0], dtype=f32) for job in chunk]
             feeds["clip_hi"] = [np.array(job.clip[1], dtype=f32) for job in chunk]
+            feeds["unscale"] = [np.array(job.unscale, dtype=f32) for job in chunk]
         pipe.feed_input("data", [job.data for job in chunk])
         for name, vals in feeds.items():
             pipe.feed_input(name, vals)
@@ -605,9 +699,12 @@ class Preprocessor:
             dev = torch.device("cuda", self.device_id)
             dense = out.as_tensor()  # (n, 1, H, W) DALI TensorGPU
             with torch.cuda.device(dev):
+                cur, side = torch.cuda.current_stream(dev), self._copy_stream()
                 arr = torch.empty(tuple(dense.shape()), dtype=torch.float32, device=dev)
-                # copy on torch's current stream; DALI orders it after the pipeline's own work
-                feed_ndarray(dense, arr, cuda_stream=torch.cuda.current_stream(dev))
+                side.wait_stream(cur)
+                # copy on the preprocessor's own stream; DALI orders it after the pipeline's work
+                feed_ndarray(dense, arr, cuda_stream=side)
+                arr.record_stream(side)
         for row, job in enumerate(chunk):
             if encoded:
                 hw = tuple(int(v) for v in np.asarray(shapes[row])[:2])
