@@ -121,13 +121,9 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .eval import format_table, run_eval
+    from .evaluate import cmd_eval as eval_main
 
-    det = _detector(a, boxes="all")
-    res = run_eval(det.predict, a.images, a.annotations, out_json=a.out)
-    print(format_table(res))
-    det.close()
-    return 0
+    return eval_main(a)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -176,11 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, backends, devices, models")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("eval", help="AUROC and FROC on images with COCO boxes")
+    p = sub.add_parser("eval", help="AUROC, CheXNet-paired AUROC, FROC on nih14 labels.json or COCO boxes; --tune-thresholds")
     p.add_argument("images")
-    p.add_argument("annotations")
+    p.add_argument("annotations", help="nih14 labels.json or COCO annotations.json")
     p.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(p)
+    from .evaluate import add_eval_args
+
+    add_eval_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="export a registered network to ONNX")
@@ -230,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_parser as add_serve_parser  # `cxrkit serve`: logic in cxrkit/serve/cli.py
 
     add_serve_parser(sub)
+
+    from .convert import add_parser as add_import_parser  # `cxrkit import-model`: logic in cxrkit/convert
+
+    add_import_parser(sub)
     return ap
 
 

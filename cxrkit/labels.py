@@ -11,11 +11,13 @@ no single concept fits (or it was not verified), never a guess.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, Mapping
 
-__all__ = ["FindingDef", "FINDINGS", "FINDING_KEYS", "get_finding"]
+__all__ = ["FindingDef", "FINDINGS", "FINDING_KEYS", "get_finding", "NIH14_TO_FINDING", "nih14_key",
+           "XRV_TO_FINDING", "source_label_key"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +72,81 @@ def get_finding(key: str) -> FindingDef:
         return FINDINGS[key]
     except KeyError:
         raise KeyError(f"unknown finding {key!r}; known findings: {', '.join(FINDING_KEYS)}") from None
+
+
+# NIH ChestX-ray14's 14 finding names (Data_Entry_2017 labels, plus the box file's "Infiltrate")
+# mapped onto the ontology. Pneumonia and Consolidation both become consolidation (on a frontal
+# film they are one airspace-opacity pattern); Infiltration is the unspecific "opacity".
+NIH14_TO_FINDING: Mapping[str, str] = MappingProxyType({
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Effusion": "pleural_effusion",
+    "Infiltration": "opacity",
+    "Infiltrate": "opacity",
+    "Mass": "mass",
+    "Nodule": "nodule",
+    "Pneumonia": "consolidation",
+    "Pneumothorax": "pneumothorax",
+    "Consolidation": "consolidation",
+    "Edema": "pulmonary_edema",
+    "Emphysema": "emphysema",
+    "Fibrosis": "fibrosis",
+    "Pleural_Thickening": "pleural_thickening",
+    "Hernia": "hiatal_hernia",
+})
+
+
+def nih14_key(name: str) -> str | None:
+    """The ontology key of an NIH ChestX-ray14 finding name (``"Effusion"`` -> ``"pleural_effusion"``),
+    case- and separator-insensitive (``"pleural thickening"``); None for "No Finding" or unknown names."""
+    norm = lambda s: re.sub(r"[^a-z]", "", s.lower())  # noqa: E731
+    want = norm(name)
+    for k, v in NIH14_TO_FINDING.items():
+        if norm(k) == want:
+            return v
+    return None
+
+
+# torchxrayvision's 18 output names (its default_pathologies; also what CheXNet-style models
+# trained on NIH / CheXpert call their outputs) -> ontology keys, one to one, so an imported
+# model never has two outputs with one key. None: no finding of the ontology means the same thing;
+# the output keeps its own name as a key (source_label_key). Unlike NIH14_TO_FINDING (which
+# pools ground truth), Infiltration and Pneumonia stay themselves here: "opacity" and
+# "consolidation" belong to Lung Opacity and Consolidation, which torchxrayvision also outputs.
+XRV_TO_FINDING: Mapping[str, str | None] = MappingProxyType({
+    "Atelectasis": "atelectasis",
+    "Consolidation": "consolidation",
+    "Infiltration": None,
+    "Pneumothorax": "pneumothorax",
+    "Edema": "pulmonary_edema",
+    "Emphysema": "emphysema",
+    "Fibrosis": "fibrosis",
+    "Effusion": "pleural_effusion",
+    "Pneumonia": None,
+    "Pleural_Thickening": "pleural_thickening",
+    "Cardiomegaly": "cardiomegaly",
+    "Nodule": "nodule",
+    "Mass": "mass",
+    "Hernia": "hiatal_hernia",
+    "Lung Lesion": None,
+    "Fracture": None,
+    "Lung Opacity": "opacity",
+    "Enlarged Cardiomediastinum": None,
+})
+
+
+def source_label_key(name: str) -> str:
+    """The card key of a source model's output name: its ontology key when XRV_TO_FINDING maps it
+    or the name already is one (``"Effusion"`` -> ``"pleural_effusion"``, ``"nodule"`` ->
+    ``"nodule"``), else the name itself as a snake_case key (``"Lung Lesion"`` -> ``"lung_lesion"``).
+    Raises ValueError for a name with no letters or digits."""
+    norm = lambda s: re.sub(r"[^a-z0-9]", "", s.lower())  # noqa: E731
+    for k, v in XRV_TO_FINDING.items():
+        if v is not None and norm(k) == norm(name):
+            return v
+    key = re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
+    if not key:
+        raise ValueError(f"label {name!r} has no letters or digits to make a key from")
+    if key[0].isdigit():
+        key = "l_" + key
+    return key

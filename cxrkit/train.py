@@ -1,13 +1,22 @@
-"""Train the cxr29 demonstration model on synthetic lesions and package it.
+"""Train cxr29-demo on real NIH ChestX-ray14 labels and boxes, and package it.
 
-    python -m cxrkit.train --out cxrkit/models/cxr29-demo --minutes 22
+    python -m cxrkit.train --out cxrkit/models/cxr29-demo            # the bundled model (resumable)
+    python -m cxrkit.train --out /tmp/lc25 --train-fraction 0.25      # a learning-curve point
 
-Data: the lungbox radiographs (51 images, 30 patients) split BY PATIENT into train / val / test
-(60 / 20 / 20 % of images, split seed 0), plus procedural chests for training only. Lesions are
-inserted by :mod:`cxrkit.synth`. Training sees augmented train backgrounds; thresholds are chosen
-on val; the metrics in the card are measured by :func:`cxrkit.eval.run_eval` through
-``cxrkit.Detector`` (ONNX Runtime, the package as written) on a synthetic set built from the test
-patients only, which training never saw. Findings that cannot be rendered are ``enabled: false``.
+Data: ``../shared/data/nih14`` (939 radiographs, 830 patients), split BY PATIENT into train / val
+by the manifest ``models/cxr29-demo/split.json`` (80 / 20 % of images, seed 0; written on first
+use). Training sees the train patients only: image-level NIH labels mapped onto the ontology
+(``cxrkit.labels.NIH14_TO_FINDING``), blended with the CheXNet probabilities where an image has
+them, CenterNet heatmaps at the real boxes, and synthetic nodules from the renderers of
+:mod:`cxrkit.synth.nodules` minus ``--holdout-renderer`` (kept out for the leave-one-renderer-out
+test). The run is a fixed schedule (no early stopping, no checkpoint chosen on validation); the
+last EMA weights are packaged. Then ``cxrkit.evaluate`` measures the package through
+``cxrkit.Detector`` on the val patients, chooses operating thresholds there, enables the findings
+that clear the bar, and writes the figures into the card (``--no-eval`` skips that).
+
+Checkpoints (``--ckpt-dir``, default ``$CXRKIT_CACHE_DIR/train/<out name>``) are written every
+``--ckpt-every`` steps; the same command resumes where it stopped; ``--max-minutes`` trains in
+chunks. ``--device cuda`` trains on a GPU (``--workers`` prepare batches in parallel there).
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,41 +35,56 @@ import numpy as np
 log = logging.getLogger("cxrkit.train")
 
 MEAN, STD = 0.5, 0.25
-
-
-def _default_lungbox() -> str:
-    root = os.environ.get("CXRKIT_SHARED_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    return str(Path(root) / "lungbox")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m cxrkit.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="package folder to write (card.json, weights, ONNX)")
     ap.add_argument("--name", default="cxr29-demo")
-    ap.add_argument("--lungbox", default=_default_lungbox(), help="lungbox folder (annotations.json + images/)")
-    ap.add_argument("--minutes", type=float, default=22.0, help="wall-clock budget of the optimisation loop")
-    ap.add_argument("--max-steps", type=int, default=100_000)
+    ap.add_argument("--version", default="0.2.0")
+    ap.add_argument("--nih14", default=None, help="nih14 folder (labels.json + images/); default ../shared/data/nih14")
+    ap.add_argument("--split", default=str(REPO / "models" / "cxr29-demo" / "split.json"),
+                    help="patient split manifest (written on first use)")
+    ap.add_argument("--train-fraction", type=float, default=1.0,
+                    help="train on this fraction of the train PATIENTS (nested seeded subsets; learning curve)")
+    ap.add_argument("--epochs", type=float, default=40.0)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--input-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--input-size", type=int, default=384)
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--p-synth", type=float, default=0.3, help="probability of synthetic nodules in a sample")
+    ap.add_argument("--holdout-renderer", default="sphere",
+                    help="nodule renderer kept out of training (tested on it); 'none' to use all five")
+    ap.add_argument("--chexnet-weight", type=float, default=0.5,
+                    help="weight of the CheXNet probability in the image-level target (0: labels only)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine 2 threads stall on each other)")
-    ap.add_argument("--workers", type=int, default=1, help="sample-generating processes")
-    ap.add_argument("--label-weights", default='{"nodule": 3, "calcification": 1.5, "opacity": 1.5}',
-                    help="JSON: relative frequency of findings in training samples (default 1 each)")
-    ap.add_argument("--replay", type=int, default=1, help="reused (mirrored) samples per fresh sample")
-    ap.add_argument("--n-aug", type=int, default=8, help="cached augmentations per real train background")
-    ap.add_argument("--n-procedural", type=int, default=120)
-    ap.add_argument("--val-per-background", type=int, default=20)
-    ap.add_argument("--eval-dir", default=None, help="where the test set is written (default: a temp folder)")
-    ap.add_argument("--eval-per-background", type=int, default=30)
-    ap.add_argument("--eval-seed", type=int, default=1234)
-    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--workers", type=int, default=0, help="batch-preparing processes (useful with --device cuda)")
+    ap.add_argument("--ckpt-dir", default=None)
+    ap.add_argument("--ckpt-every", type=int, default=46)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long; rerun to resume")
+    ap.add_argument("--monitor-every", type=int, default=184, help="log val AUROC every N steps (not used to choose anything)")
+    ap.add_argument("--no-eval", action="store_true", help="package without measuring / tuning on val")
+    ap.add_argument("--no-int8", action="store_true", help="skip the guarded int8 / fp16 forms")
+    ap.add_argument("--report-dir", default=None, help="also write the full evaluation JSON here "
+                    "(the bundled model's goes to models/cxr29-demo/)")
+    ap.add_argument("--package-only", action="store_true",
+                    help="do not train: (re)measure and finish the package already in --out")
+    ap.add_argument("--pids-file", default="/tmp/cxrkit-pausable.pids",
+                    help="append this process id here so quiet benchmarks can pause it ('' to skip)")
     return ap.parse_args(argv)
+
+
+def train_subset(split: dict[str, Any], fraction: float, seed: int) -> list[str]:
+    """Nested patient subsets of the train part: the first ``fraction`` of a seeded permutation."""
+    pats = list(split["train"]["patients"])
+    order = np.random.default_rng([seed, 99]).permutation(len(pats))
+    n = max(1, int(round(fraction * len(pats))))
+    return sorted(pats[i] for i in order[:n])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,137 +93,144 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from .labels import FINDING_KEYS
-    from .models import sha256_file
     from .nets import create_net, export_onnx, save_weights
-    from .synth import SYNTH_LABELS, load_lungbox, split_by_patient
-    from .training.data import SampleStream, build_bank, make_sample
-    from .training.loop import choose_operating_points, forward_arrays, train
+    from .synth.nodules import NODULE_RENDERERS
+    from .training.fit import fit, predict_arrays
+    from .training.nih14 import TRAINED_KEYS, image_cache, load_nih14, load_or_make_split
+    from .training.real import RealSamples
 
+    if a.pids_file:
+        with open(a.pids_file, "a") as f:
+            f.write(f"{os.getpid()}\n")
     t_start = time.perf_counter()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    rng = np.random.default_rng(a.seed)
-    input_hw = tuple(a.input_size)
-    labels, trained = list(FINDING_KEYS), [k for k in FINDING_KEYS if k in SYNTH_LABELS]
-
-    real = load_lungbox(a.lungbox, max_side=1024)
-    split = split_by_patient(real, seed=a.split_seed)
-    split_info = {k: {"images": len(v), "patients": sorted({b.patient for b in v})} for k, v in split.items()}
-    log.info("split by patient: %s", {k: (v["images"], len(v["patients"])) for k, v in split_info.items()})
-
-    bank = build_bank(split["train"], rng, n_aug=a.n_aug, n_procedural=a.n_procedural)
-    log.info("background bank: %d (%d real x %d augmentations + %d procedural), %.0fs", len(bank),
-             len(split["train"]), a.n_aug, a.n_procedural, time.perf_counter() - t_start)
-    vrng = np.random.default_rng([a.seed, 1])
-    val = [make_sample(split["val"], vrng, labels, trained, input_hw, MEAN, STD, a.stride, p_normal=0.25, max_lesions=2)
-           for _ in range(a.val_per_background * len(split["val"]))]
-    val_x = np.stack([v[0] for v in val])
-    val_boxes = [v[3] for v in val]
-
+    labels = list(FINDING_KEYS)
+    recs = load_nih14(a.nih14)
+    split = load_or_make_split(recs, a.split)
+    pats = set(train_subset(split, a.train_fraction, a.seed))
+    train_idx = [i for i, r in enumerate(recs) if r.patient in pats]
+    val_set = set(split["val"]["images"])
+    val_idx = [i for i, r in enumerate(recs) if r.image in val_set]
+    if set(recs[i].patient for i in train_idx) & set(recs[i].patient for i in val_idx):
+        raise RuntimeError("a patient is in both train and val")
+    renderers = [n for n in NODULE_RENDERERS if n != a.holdout_renderer]
+    log.info("train %d images / %d patients, val %d images; nodule renderers %s (held out: %s)",
+             len(train_idx), len(pats), len(val_idx), renderers, a.holdout_renderer)
+    cache = image_cache(recs, a.nih14, a.input_size)
+    samples = RealSamples(cache, recs, labels, TRAINED_KEYS, a.stride, MEAN, STD, p_synth=a.p_synth,
+                          renderers=renderers, chexnet_weight=a.chexnet_weight)
+    steps = int(round(a.epochs * len(train_idx) / a.batch_size))
     net = create_net("cxrnet", num_classes=len(labels), width=a.width, stride=a.stride)
-    stream = SampleStream(bank, labels, trained, input_hw, MEAN, STD, a.stride, seed=a.seed, replay=a.replay,
-                          label_weights=json.loads(a.label_weights))
-    ema, run = train(net, stream, minutes=a.minutes, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
-                     workers=a.workers)
-    log.info("trained %d steps (%d images) in %.0fs", run["steps"], run["images_seen"], run["train_seconds"])
 
-    probs, heats = forward_arrays(ema, val_x)
-    ops = choose_operating_points(probs, heats, val_boxes, labels, trained, a.stride)
-    for k, v in ops.items():
-        log.info("val %-18s AUROC %s  thr %.3f  heat thr %.3f  enabled %s", k,
-                 "-" if v["auroc"] is None else f"{v['auroc']:.3f}", v["threshold"], v["heatmap_threshold"], v["enabled"])
+    from .eval import auroc
+    from .training.nih14 import BOX_NAMES
+    from .labels import NIH14_TO_FINDING
 
+    val_x = samples.eval_inputs(val_idx)
+
+    def monitor(ema, step: int) -> dict[str, Any]:
+        probs, _ = predict_arrays(ema, val_x)
+        out = {}
+        for n in BOX_NAMES:
+            y = [n in recs[i].names for i in val_idx]
+            out[n] = round(auroc(probs[:, labels.index(NIH14_TO_FINDING[n])], y) or float("nan"), 4)
+        out["mean8"] = round(float(np.mean(list(out.values()))), 4)
+        return out
+
+    ckpt = Path(a.ckpt_dir) if a.ckpt_dir else (
+        Path(os.environ.get("CXRKIT_CACHE_DIR") or Path.home() / ".cache" / "cxrkit") / "train" / Path(a.out).name)
+    config = {"input_size": a.input_size, "stride": a.stride, "width": a.width, "p_synth": a.p_synth,
+              "renderers": renderers, "chexnet_weight": a.chexnet_weight, "train_fraction": a.train_fraction,
+              "split": split["seed"], "epochs": a.epochs}
+    if a.package_only:
+        finish_package(a, Path(a.out), ckpt)
+        return 0
+    ema, run = fit(net, samples, train_idx, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                   ckpt_dir=ckpt, ckpt_every=a.ckpt_every, device=a.device, workers=a.workers,
+                   max_minutes=a.max_minutes, monitor=monitor, monitor_every=a.monitor_every, config=config)
+    if not run["done"]:
+        log.info("stopped at step %d of %d (checkpoint in %s): run the same command again to go on",
+                 run["steps"], steps, ckpt)
+        return 3
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    arch_kwargs = {"num_classes": len(labels), "width": a.width, "stride": a.stride}
+    for stale in out.glob("model.*.onnx*"):  # int8 / fp16 forms of older weights
+        stale.unlink()
     save_weights(ema, out / "weights.safetensors", metadata={"arch": "cxrnet"})
-    export_onnx(ema, out / "model.onnx", input_hw)
-    enabled = {k: bool(ops.get(k, {}).get("enabled", False)) for k in labels}
+    export_onnx(ema, out / "model.onnx", (a.input_size, a.input_size))
+    from .models import sha256_file
+
     card: dict[str, Any] = {
         "schema_version": 1,
         "name": a.name,
-        "version": "0.1.0",
+        "version": a.version,
         "arch": "cxrnet",
-        "arch_kwargs": arch_kwargs,
+        "arch_kwargs": {"num_classes": len(labels), "width": a.width, "stride": a.stride},
         "labels": labels,
-        "input_size": list(input_hw),
+        "input_size": [a.input_size, a.input_size],
         "normalization": {"mean": MEAN, "std": STD},
         "heatmap_stride": a.stride,
-        "thresholds": {k: round(ops[k]["threshold"], 4) if k in ops else 0.5 for k in labels},
-        "heatmap_thresholds": {k: round(ops[k]["heatmap_threshold"], 4) if k in ops else 0.5 for k in labels},
-        "enabled": enabled,
+        "thresholds": {k: 0.5 for k in labels},
+        "heatmap_thresholds": {k: 0.5 for k in labels},
+        "enabled": {k: False for k in labels},
         "files": {"onnx": "model.onnx", "weights": "weights.safetensors"},
         "sha256": {n: sha256_file(out / n) for n in ("model.onnx", "weights.safetensors")},
-        "description": (
-            "Demonstration detector for the 29 cxrkit findings, trained only on SYNTHETIC lesions inserted "
-            "into a few dozen public radiographs. Of the 29 outputs, the findings cxrkit.synth renders are "
-            f"trained ({', '.join(trained)}); the other {len(labels) - len(trained)} are untrained and "
-            "disabled (enabled: false: never reported positive, no boxes). A trained finding whose validation "
-            "AUROC fell below 0.75 is disabled too"
-            + (f" (this run: {', '.join(k for k in trained if not enabled[k])})" if not all(enabled[k] for k in trained) else "")
-            + ". Input: 8-bit unit range, letterboxed to "
-            f"{input_hw[0]}x{input_hw[1]}, normalized with mean {MEAN} / std {STD}. Heatmap thresholds are set "
-            "low (about 2 false-positive peaks per image on validation) so evaluation can trace the FROC curve."
-        ),
-        "intended_use": "demonstration only, NOT for clinical use: it has never seen a real lesion",
+        "description": "",
+        "intended_use": "demonstration only, NOT for clinical use",
         "training": {
             "command": "python -m cxrkit.train " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "data": ("lungbox: 51 public COVID-era chest radiographs (web figures, 8-bit, many with real COVID-19 "
-                     "opacities, unlabeled here) with radiologist lung boxes used to place lesions; plus "
-                     f"{a.n_procedural} procedural chests (training only). All positive findings are synthetic "
-                     "(cxrkit.synth); sizes in mm use a spacing estimated from the lung boxes (250 mm lung height)."),
-            "split": {"by": "patient", "seed": a.split_seed, "fractions": [0.6, 0.2, 0.2], **split_info},
-            "augmentation": "random crop keeping both lungs, horizontal flip, rescale, gamma, contrast, brightness, blur, noise",
-            "targets": "CenterNet Gaussian heatmaps (peak cell = 1, sigma 0.2 x box) with penalty-reduced focal loss; "
-                       "image-level BCE on log-sum-exp pooled logits",
-            "trained_findings": trained,
-            "run": {**run, "input_size": list(input_hw), "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
-                    "threads": a.threads, "workers": a.workers, "replay": a.replay,
-                    "label_weights": json.loads(a.label_weights), "torch": torch.__version__},
-            "validation": {"images": len(val), "per_finding": ops},
+            "data": ("NIH ChestX-ray14 (../shared/data/nih14): real frontal radiographs with image-level labels "
+                     "(report-mined, ~90% precise) and radiologist boxes for 8 findings; NIH Clinical Center"),
+            "split": {"manifest": "models/cxr29-demo/split.json", "by": "patient", "seed": split["seed"],
+                      "train": {"images": len(train_idx), "patients": len(pats),
+                                "fraction_of_train_patients": a.train_fraction},
+                      "val": {"images": len(val_idx), "patients": len(split["val"]["patients"])}},
+            "trained_findings": list(TRAINED_KEYS),
+            "targets": ("image: BCE on log-sum-exp pooled heatmap logits, target = NIH label blended "
+                        f"{1 - a.chexnet_weight:g}/{a.chexnet_weight:g} with the CheXNet probability where the image has "
+                        "one; heatmaps: CenterNet Gaussians at the real boxes (penalty-reduced focal loss), "
+                        "unsupervised for a positive label without a box"),
+            "synthetic": {"p": a.p_synth, "renderers": renderers, "held_out_renderer": a.holdout_renderer,
+                          "sizes_mm": [6, 45], "label": "nodule (<= 30 mm) / mass (> 30 mm)"},
+            "augmentation": ("affine (scale 0.9-1.1, rotation +-6 deg, shift +-5 %) on 75 % of samples, gamma, "
+                             "contrast, brightness, blur (20 %), noise (30 %); no flips"),
+            "pretrained": "none: random initialisation (no permissively licensed CXR or ImageNet weights in reach)",
+            "run": {**{k: v for k, v in run.items() if k != "monitor"}, "epochs": a.epochs, "total_steps": steps,
+                    "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "device": a.device, "threads": a.threads,
+                    "torch": torch.__version__},
+            "val_monitor": run["monitor"],
+            "checkpoint_choice": "the last EMA weights of the fixed schedule (none chosen on validation)",
         },
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-
+    log.info("wrote %s (%.1f min)", out, (time.perf_counter() - t_start) / 60)
     if not a.no_eval:
-        card["metrics"] = _evaluate(a, out, split["test"])
-        (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    log.info("wrote %s in %.1f min total", out, (time.perf_counter() - t_start) / 60)
+        finish_package(a, out, ckpt)
     return 0
 
 
-def _evaluate(a: argparse.Namespace, out: Path, test_bgs) -> dict[str, Any]:
-    from . import Detector
-    from .eval import format_table, run_eval
-    from .synth.coco import write_coco_set
+def finish_package(a: argparse.Namespace, out: Path, work: Path) -> None:
+    """Measure on val (thresholds, enabled flags, figures into the card), then the int8 forms."""
+    from .evaluate import package_report
+    from .labels import FINDING_KEYS
+    from .training.nih14 import default_nih14_root, load_nih14, load_or_make_split
+    from .training.ship import guard_set, ship_int8
 
-    eval_dir = Path(a.eval_dir) if a.eval_dir else Path(tempfile.mkdtemp(prefix="cxr29-eval-"))
-    ann = write_coco_set(test_bgs, eval_dir, per_background=a.eval_per_background, seed=a.eval_seed,
-                         description=f"lungbox test split (patients unseen in training), split seed {a.split_seed}")
-    t0 = time.perf_counter()
-    with Detector.from_pretrained(str(out), device="cpu", boxes="all", num_threads=a.threads) as det:
-        backend = det.backend_name
-        res = run_eval(det.predict, eval_dir / "images", ann, out_json=eval_dir / "metrics.json")
-    log.info("eval on %d test images in %.0fs via %s:\n%s", res["n_images"], time.perf_counter() - t0, backend,
-             format_table(res))
-    slim = lambda m: ({"auroc": m["auroc"], "pos_neg_images": [m["n_pos_images"], m["n_neg_images"]],  # noqa: E731
-                       "lesions": m["froc"]["n_lesions"], "froc_sensitivity": m["froc"]["sensitivity"],
-                       "froc_max_fp_per_image": round(m["froc"]["fp_per_image_max"], 3)}
-                      if m.get("evaluated") else None)
-    return {
-        "measured_by": "cxrkit.eval.run_eval via cxrkit.Detector(boxes='all'), fp32, backend " + backend,
-        "test_set": {
-            "how": (f"python -m cxrkit.synth.coco --lungbox <lungbox> --split test --split-seed {a.split_seed} "
-                    f"--seed {a.eval_seed} --per-background {a.eval_per_background} --out DIR; "
-                    "then: cxrkit eval DIR/images DIR/annotations.json --model cxr29-demo"),
-            "images": res["n_images"], "backgrounds": len(test_bgs),
-            "note": "synthetic lesions on real radiographs of test patients never seen in training; "
-                    "real COVID opacities in these backgrounds are unlabeled and count as negatives",
-        },
-        "hit_rule": res["hit_rule"],
-        "per_finding": {k: slim(m) for k, m in res["findings"].items()},
-        "strata": {k: slim(m) for k, m in res["strata"].items()},
-    }
+    root = Path(a.nih14) if a.nih14 else default_nih14_root()
+    loro = work / "held-out-renderer-set"
+    package_report(out, nih14=root, split_path=a.split, holdout_renderer=a.holdout_renderer, threads=a.threads,
+                   report_dir=getattr(a, "report_dir", None), work_dir=loro)
+    if getattr(a, "no_int8", False):
+        return
+    recs = load_nih14(root)
+    split = load_or_make_split(recs, a.split)
+    train_imgs = sorted(split["train"]["images"])
+    pick = np.random.default_rng([a.seed, 5]).choice(len(train_imgs), min(128, len(train_imgs)), replace=False)
+    calib = [str(root / "images" / train_imgs[i]) for i in sorted(pick)]
+    holdout, labels = guard_set(recs, split, root, list(FINDING_KEYS), loro if loro.is_dir() else None)
+    summary = ship_int8(out, calib, holdout, labels, threads=a.threads)
+    log.info("int8: %s", summary)
 
 
 if __name__ == "__main__":  # pragma: no cover

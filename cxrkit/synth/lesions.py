@@ -34,10 +34,12 @@ class Lesion:
     box_xyxy: tuple[float, float, float, float]
     center_xy: tuple[float, float]
     size_mm: float
+    renderer: str = ""  # which renderer drew it (the nodule renderers of cxrkit.synth.nodules)
 
     def to_dict(self) -> dict:
         return {"label": self.label, "box_xyxy": [round(v, 2) for v in self.box_xyxy],
-                "center_xy": [round(v, 2) for v in self.center_xy], "size_mm": round(self.size_mm, 2)}
+                "center_xy": [round(v, 2) for v in self.center_xy], "size_mm": round(self.size_mm, 2),
+                **({"renderer": self.renderer} if self.renderer else {})}
 
 
 Renderer = Callable[[np.ndarray, np.ndarray, float, np.random.Generator], "Lesion | None"]
