@@ -1,4 +1,4 @@
-"""CUDA kernels against the reference / C++ (bit for bit), zero-copy device I/O. Needs a GPU and CuPy."""
+"""CUDA kernels against the reference / C++ (bit for bit), in-place device input, NaN policy, bf16, out= checks. Needs a GPU and CuPy."""
 
 from __future__ import annotations
 
@@ -66,27 +66,135 @@ def test_cuda_candidate_overflow(torch):
         assert_detections_equal(detect(z, t, cfg, impl="cpu"), detect(_cuda(torch, z), t, cfg).numpy(), str(cfg))
 
 
-def test_cuda_zero_copy_and_stream(torch):
+def test_cuda_reads_input_in_place_and_stays_on_device(torch, monkeypatch):
+    """What "zero-copy" means here, checked: a contiguous CUDA input (torch, CuPy, or any __dlpack__
+    CUDA array) is read in place (the kernel gets the input's own pointer); the outputs are created
+    on the input's device by its library and the kernel runs on the caller's current stream; with
+    preallocated outputs the whole call can be captured in a CUDA graph, which proves it makes no
+    host transfer, host synchronisation or allocation. A non-contiguous input IS copied (.contiguous()).
+    The Detector still copies the results to the host, once per batch (postprocess.to_host)."""
+    from cxrkit.kernels import _cuda
+
     rng = np.random.default_rng(3)
     z = _cuda(torch, smooth_logits(rng, (2, 4, 32, 32), dtype=np.float16))
+    launched = []
+    real_launch = _cuda._launch
+
+    def spy(fn, like, grid, block, args, shared_mem=0):
+        launched.append((int(args[0]), like.stream_ptr))
+        return real_launch(fn, like, grid, block, args, shared_mem)
+
+    monkeypatch.setattr(_cuda, "_launch", spy)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         d = detect(z, [0.5] * 4)
     s.synchronize()
+    assert launched == [(z.data_ptr(), s.cuda_stream)]  # the input's own memory, on the caller's stream
     for a in (d.counts, d.scores, d.points, d.boxes):
         assert isinstance(a, torch.Tensor) and a.device == z.device
     assert d.counts.dtype == torch.int32 and d.scores.dtype == torch.float32 and d.boxes.shape == (2, 4, 16, 4)
     assert_detections_equal(detect(z.cpu().numpy(), [0.5] * 4, impl="reference"), d.numpy())
+
     import cupy as cp
 
-    dc = detect(cp.asarray(z.cpu().numpy()), [0.5] * 4)
-    assert isinstance(dc.counts, cp.ndarray)
+    zc = cp.asarray(z)  # shares z's memory
+    launched.clear()
+    dc = detect(zc, [0.5] * 4)
+    assert launched[0][0] == zc.data.ptr == z.data_ptr() and isinstance(dc.counts, cp.ndarray)
     assert_detections_equal(d.numpy(), dc.numpy())
-    # preallocated outputs (what a CUDA graph capture uses)
+
+    class DLPackOnly:  # a foreign array that only speaks DLPack
+        def __init__(self, t):
+            self.t = t
+
+        def __dlpack__(self, **kw):
+            return self.t.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self.t.__dlpack_device__()
+
+    launched.clear()
+    dd = detect(DLPackOnly(z), [0.5] * 4)
+    assert launched[0][0] == z.data_ptr()
+    assert_detections_equal(d.numpy(), dd.numpy())
+
+    wide = torch.zeros((2, 4, 32, 64), dtype=z.dtype, device=z.device)
+    wide[..., ::2] = z
+    launched.clear()
+    assert_detections_equal(d.numpy(), detect(wide[..., ::2], [0.5] * 4).numpy())
+    assert launched[0][0] != wide.data_ptr()  # strided: a contiguous copy was read
+
+    # preallocated outputs, written in place, capturable in a CUDA graph
     out = type(d)(*(torch.empty_like(a) for a in (d.counts, d.scores, d.points, d.boxes)))
     d2 = detect(z, [0.5] * 4, out=out)
-    assert d2.scores.data_ptr() == out.scores.data_ptr()
+    assert all(x.data_ptr() == y.data_ptr() for x, y in zip((d2.counts, d2.scores, d2.points, d2.boxes),
+                                                            (out.counts, out.scores, out.points, out.boxes)))
     assert_detections_equal(d.numpy(), d2.numpy())
+    for a in (out.counts, out.scores, out.points, out.boxes):
+        a.fill_(7)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        detect(z, [0.5] * 4, out=out)
+    g.replay()
+    torch.cuda.synchronize()
+    assert_detections_equal(d.numpy(), out.numpy())
+
+
+def test_cuda_out_buffers_are_validated(torch):
+    from cxrkit.postprocess import Detections
+
+    z = _cuda(torch, np.zeros((2, 3, 8, 8), np.float32))
+    d = detect(z, [0.5] * 3)
+
+    def outs(**change):
+        arrs = {k: torch.empty_like(getattr(d, k)) for k in ("counts", "scores", "points", "boxes")}
+        arrs.update(change)
+        return Detections(**arrs)
+
+    detect(z, [0.5] * 3, out=outs())  # the right buffers are accepted
+    bad = [
+        (TypeError, outs(counts=torch.empty((2, 3), dtype=torch.int64, device="cuda"))),
+        (TypeError, outs(scores=torch.empty((2, 3, 16), dtype=torch.float16, device="cuda"))),
+        (ValueError, outs(points=torch.empty((2, 3, 15, 2), dtype=torch.int32, device="cuda"))),
+        (ValueError, outs(boxes=torch.empty((2, 3, 4, 16), dtype=torch.float32, device="cuda").transpose(2, 3))),
+        (ValueError, outs(scores=torch.empty((2, 3, 16), dtype=torch.float32))),  # host tensor
+    ]
+    import cupy as cp
+
+    bad.append((ValueError, outs(counts=cp.empty((2, 3), dtype=cp.int32))))  # other library
+    for exc, o in bad:
+        with pytest.raises(exc):
+            detect(z, [0.5] * 3, out=o)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cuda_nan_policy_matches_reference(torch, dtype):
+    from test_postprocess_cases import nan_maps, nan_scores
+
+    rng = np.random.default_rng(21)
+    for name, z in nan_maps(rng, (2, 3, 24, 31), dtype):
+        for cfg in (CONFIGS[0], CONFIGS[3], CONFIGS[4]):
+            t = thresholds(rng, 3)
+            assert_detections_equal(detect(z, t, cfg, impl="reference"), detect(_cuda(torch, z), t, cfg).numpy(), name)
+    for n in (7, 64, 700):
+        boxes, _, idxs = random_boxes(rng, n, n_groups=3, integer=True)
+        scores = nan_scores(rng, n)
+        for thr in (0.0, 0.5, 1.0):
+            ref = batched_nms(boxes, scores, idxs, thr, impl="cpu")
+            got = batched_nms(_cuda(torch, boxes), _cuda(torch, scores), _cuda(torch, idxs), thr)
+            np.testing.assert_array_equal(ref, got.cpu().numpy())
+
+
+def test_cuda_bf16_heatmaps(torch):
+    """precision="bf16" on CUDA: bf16 heatmaps go to the bf16 kernel (no TypeError), the function of their
+    exact float32 widening."""
+    rng = np.random.default_rng(8)
+    z = _cuda(torch, smooth_logits(rng, (3, 5, 40, 29), radius=2)).to(torch.bfloat16)
+    t = thresholds(rng, 5)
+    for cfg in (CONFIGS[0], CONFIGS[3]):
+        want = detect(z.float().cpu().numpy(), t, cfg, impl="cpu")
+        assert_detections_equal(want, detect(z, t, cfg).numpy(), str(cfg))
+        assert_detections_equal(want, detect(z.cpu(), t, cfg).numpy(), "bf16 host tensor")
 
 
 def test_cuda_empty_and_host_rules(torch):

@@ -244,15 +244,29 @@ def test_engine_matches_onnxruntime(probe_quantized, precision, tmp_path):
     with create_runner(pkg, "onnxruntime", "cpu", ort_prec) as ref:
         want = ref.infer(x)
     opts = dict(max_batch=8, opt_batch=4, cache_dir=str(tmp_path))
+    tol = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.5}[precision]
+
+    def check(got, n):
+        assert got["logits"].is_cuda and tuple(got["heatmaps"].shape) == want["heatmaps"][:n].shape
+        np.testing.assert_allclose(got["logits"].float().cpu().numpy(), want["logits"][:n], atol=tol)
+        np.testing.assert_allclose(got["heatmaps"].float().cpu().numpy(), want["heatmaps"][:n], atol=4 * tol)
+
     with create_runner(pkg, "tensorrt", "cuda", precision, **opts) as r:
+        assert r.engine_built  # a fresh cache folder: built here
+        r.prepare([5])  # bucket 8, its own execution context
         for cuda_graphs in (True, False):
             r._use_graphs = cuda_graphs
-            got = r.infer(torch.from_numpy(x).cuda())
-            assert got["logits"].is_cuda and tuple(got["heatmaps"].shape) == want["heatmaps"].shape
-            tol = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.5}[precision]
-            np.testing.assert_allclose(got["logits"].float().cpu().numpy(), want["logits"], atol=tol)
-            r.infer(torch.from_numpy(x[:3]).cuda())  # another batch size in the same profile
-    # second runner: the engine comes from the cache
+            check(r.infer(torch.from_numpy(x).cuda()), 5)
+            check(r.infer(torch.from_numpy(x[:3]).cuda()), 3)  # another bucket (4), lazily captured
+        assert sorted(r._graphs) == [4, 8] and r._graphs[4][1] is not r._graphs[8][1]
+        first = r.infer(torch.from_numpy(x).cuda())["logits"].cpu().numpy()
+    engines = sorted(Path(tmp_path).glob("*.engine"))
+    assert len(engines) == 1  # cache_dir is the engine folder itself
+    stamp = engines[0].stat().st_mtime_ns
+    # second runner: the engine is loaded from the cache (not rebuilt) and gives the same outputs
     with create_runner(pkg, "tensorrt", "cuda", precision, **opts) as r2:
-        r2.infer(torch.from_numpy(x).cuda())
-    assert len(list(Path(tmp_path).glob("*.engine"))) == 1  # cache_dir is the engine folder itself
+        assert r2.engine_built is False
+        got = r2.infer(torch.from_numpy(x).cuda())
+        check(got, 5)
+        np.testing.assert_array_equal(got["logits"].cpu().numpy(), first)
+    assert engines[0].stat().st_mtime_ns == stamp

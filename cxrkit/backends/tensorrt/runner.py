@@ -70,6 +70,7 @@ class TensorRTRunner(Runner):
                                 cache=EngineCache(o.get("cache_dir")), rebuild=bool(o.get("rebuild")),
                                 workspace_bytes=workspace)
             self._runtime, self._engine, self._key = loaded.runtime, loaded.engine, loaded.key
+            self.engine_built = bool(loaded.built)  # False: the engine came from the cache
             H, W = self.model.card.input_hw
             K = self.model.card.num_classes
             h, w = self.model.card.heatmap_hw
