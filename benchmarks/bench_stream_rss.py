@@ -8,7 +8,10 @@ RSS is sampled from /proc/self/statm (no psutil needed) every ``every`` items.
 Reports: RSS after warm-up (the first ``warmup`` items: pipelines built, allocator pools
 grown), RSS at the end, growth = end - after warm-up, the growth between the medians of the first
 and last quarter of the post-warm-up samples (robust to the +-50 MB wander of the allocator), the
-least-squares slope in kB per 1,000 items over the post-warm-up samples, and the peak. The floor to compare with: predict_iter keeps at
+least-squares slope in kB per 1,000 items over the post-warm-up samples, the Theil-Sen slope (the
+median of the pairwise slopes: robust to the allocator's steps, used by the CI-sized check), and the
+peak. ``trim=True`` (``--trim``) calls glibc's ``malloc_trim(0)`` before each sample, so RSS follows
+live memory rather than what the allocator keeps cached. The floor to compare with: predict_iter keeps at
 most two batches alive, about 2 x B x (64x64 input + 256x256 float32 model input) = 2 x B x 0.27 MB;
 anything that grows with N is a leak.
 
@@ -63,8 +66,26 @@ def stream(n: int, bad_every: int = 50) -> Iterator[Any]:
         yield a
 
 
+def _malloc_trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: sample as is
+        pass
+
+
+def theil_sen_slope(xs: np.ndarray, ys: np.ndarray) -> float:
+    """The median of the slopes between every pair of samples (robust to a few steps of the allocator)."""
+    if len(xs) < 2:
+        return float("nan")
+    i, j = np.triu_indices(len(xs), 1)
+    return float(np.median((ys[j] - ys[i]) / (xs[j] - xs[i])))
+
+
 def run(n: int = 100_000, batch: int = 32, warmup: int = 2_000, every: int = 1_000,
-        model: str = "cxr-probe", bad_every: int = 50) -> dict:
+        model: str = "cxr-probe", bad_every: int = 50, trim: bool = False) -> dict:
+    sample = (lambda: (_malloc_trim(), rss_mb())[1]) if trim else rss_mb
     with cxrkit.Detector.from_pretrained(model, batch_size=batch) as det:
         samples: list[tuple[int, float]] = []
         errors = ok = 0
@@ -78,7 +99,7 @@ def run(n: int = 100_000, batch: int = 32, warmup: int = 2_000, every: int = 1_0
                 errors += 1
             del p
             if i % every == 0:
-                samples.append((i, rss_mb()))
+                samples.append((i, sample()))
         wall = time.perf_counter() - t0
     post = [(i, m) for i, m in samples if i >= warmup]
     xs = np.array([i for i, _ in post], float)
@@ -97,6 +118,8 @@ def run(n: int = 100_000, batch: int = 32, warmup: int = 2_000, every: int = 1_0
         "growth_after_warmup_mb": round(end_mb - warm_mb, 2),
         "median_growth_first_to_last_quarter_mb": round(median_growth, 2),
         "slope_kb_per_1k_items": round(slope_kb_per_1k, 2),
+        "theil_sen_slope_kb_per_1k_items": round(theil_sen_slope(xs, ys) * 1000 * 1024, 2),
+        "malloc_trim_before_samples": trim, "warmup": warmup, "every": every,
         "two_batch_floor_mb": round(floor_mb, 1),
         "samples": [(i, round(m, 2)) for i, m in samples],
     }
@@ -110,9 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=1_000)
     ap.add_argument("--model", default="cxr-probe")
     ap.add_argument("--bad-every", type=int, default=50, help="every k-th item a truncated JPEG (0: none)")
+    ap.add_argument("--trim", action="store_true", help="malloc_trim(0) before each RSS sample")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--report", metavar="NAME", help="also write benchmarks/reports/NAME.json (date, machine, code)")
     a = ap.parse_args(argv)
-    r = run(a.n, a.batch, a.warmup, a.every, a.model, a.bad_every)
+    started = None
+    if a.report:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from run_report import now_utc
+
+        started = now_utc()
+    r = run(a.n, a.batch, a.warmup, a.every, a.model, a.bad_every, a.trim)
     short = {k: v for k, v in r.items() if k != "samples"}
     print(json.dumps(short, indent=2))
     print(f"RSS growth after warm-up: {r['growth_after_warmup_mb']:+.2f} MB over {a.n - a.warmup} items "
@@ -121,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)
+    if a.report:
+        from run_report import write_report
+
+        print(f"report: {write_report(a.report, {'result': r}, started)}")
     return 0
 
 

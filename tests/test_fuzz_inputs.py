@@ -665,15 +665,33 @@ class Stats:
     wall_s: float = 0.0
     rss_mb: tuple = (0.0, 0.0)  # at the start, at the end
     vm_mb: tuple = (0.0, 0.0)
+    predict_raised: int = 0  # cases where predict itself raised (counted in crashes too)
+    io_untyped: int = 0  # cases where load_item/decode_pixels raised something not an InputError (crashes too)
+    hypothesis: dict = field(default_factory=dict)  # why hypothesis stopped, its generate-phase counts
+
+    def tally(self) -> dict:
+        """Each case ends in exactly one end-to-end outcome (a valid Prediction, a typed error in it,
+        or predict raising) and one io outcome (pixels, InputError, or an untyped exception)."""
+        e2e = {k[4:]: v for k, v in self.outcomes.items() if k.startswith("e2e:")}
+        io = {k[3:]: v for k, v in self.outcomes.items() if k.startswith("io:")}
+        valid = e2e.get("ok", 0)
+        errors = sum(v for k, v in e2e.items() if k != "ok")
+        return {
+            "valid_predictions": valid, "typed_input_errors": errors, "predict_raised": self.predict_raised,
+            "e2e_adds_up": valid + errors + self.predict_raised == self.cases,
+            "io_ok": io.get("ok", 0), "io_typed_errors": sum(v for k, v in io.items() if k != "ok"),
+            "io_adds_up": sum(io.values()) + self.io_untyped == self.cases,
+        }
 
     def summary(self) -> dict:
         return {
-            "cases": self.cases, "crashes": self.crashes, "hangs": self.hangs,
+            "cases": self.cases, **self.tally(), "crashes": self.crashes, "hangs": self.hangs,
             "failures": len(self.failures), "max_case_s": round(self.max_case_s, 3),
             "slowest_case": self.max_case_what, "max_peak_rss_growth_mb": round(self.max_peak_rss_mb, 1),
             "wall_s": round(self.wall_s, 1), "rss_mb_start_end": self.rss_mb, "vmsize_mb_start_end": self.vm_mb,
             "outcomes": dict(self.outcomes.most_common()),
             "cases_by_seed": dict(sorted(self.by_seed.items())),
+            "hypothesis": self.hypothesis,
         }
 
 
@@ -706,6 +724,7 @@ class Harness:
         except Exception as exc:  # predict itself raised: a crash
             problems = [f"predict raised {type(exc).__name__}: {exc}"]
             st_.crashes += 1
+            st_.predict_raised += 1
         finally:
             faulthandler.cancel_dump_traceback_later()
         dt = time.perf_counter() - t0
@@ -734,6 +753,7 @@ class Harness:
             return []
         except Exception as e:
             self.stats.crashes += 1
+            self.stats.io_untyped += 1
             return [f"io raised untyped {type(e).__name__}: {e}"]
         self.stats.outcomes["io:ok"] += 1
         px, (lo, hi) = img.pixels, img.value_range
@@ -857,11 +877,21 @@ def _fuzz(det, seeds, profile: str, tag: str) -> Stats:
     # records (and through their frames each case's arrays) until the test ends: GBs over 10,000
     # cases. Logging is off while fuzzing; errors are counted from the Predictions instead.
     logging.disable(logging.CRITICAL)
+    from hypothesis.statistics import collector
+
+    hyp: list = []
     try:
-        with _rss_watchdog(harness, RSS_WATCHDOG_MIB):
+        with _rss_watchdog(harness, RSS_WATCHDOG_MIB), collector.with_value(hyp.append):
             one()
     finally:
         logging.disable(logging.NOTSET)
+    if hyp:  # why hypothesis stopped: it runs fewer than max_examples cases when its search space runs dry
+        gen = [tc["status"] for tc in hyp[-1].get("generate-phase", {}).get("test-cases", [])]
+        harness.stats.hypothesis = {
+            "max_examples": settings.get_profile(profile).max_examples,
+            "stopped_because": hyp[-1].get("stopped-because"),
+            "generate_phase": dict(Counter(gen)),
+        }
     harness.stats.wall_s = time.perf_counter() - t0
     harness.stats.rss_mb = (rss0, _status_kb("VmRSS:") // 1024)
     harness.stats.vm_mb = (vm0, _status_kb("VmSize:") // 1024)
@@ -878,12 +908,21 @@ def test_seeds_are_valid(shared_data, fuzz_det):
 
 def test_fuzz_fast(shared_data, fuzz_det):
     stats = _fuzz(fuzz_det, build_seeds(str(shared_data), False), "cxrkit-fuzz-fast", "fast")
+    t = stats.tally()
+    assert t["e2e_adds_up"] and t["io_adds_up"], t
     assert stats.cases >= FAST_CASES * 0.9
     assert not stats.failures, "\n".join(stats.failures[:20])
 
 
 @pytest.mark.slow
 def test_fuzz_slow(shared_data, fuzz_det):
+    """Writes benchmarks/reports/fuzz-slow.json (README and RESULTS quote it)."""
+    from slow_reports import now_utc, write_report
+
+    started = now_utc()
     stats = _fuzz(fuzz_det, build_seeds(str(shared_data), True), "cxrkit-fuzz-slow", "slow")
+    write_report("fuzz-slow", {"summary": stats.summary(), "failures_first_50": stats.failures[:50]}, started)
+    t = stats.tally()
+    assert t["e2e_adds_up"] and t["io_adds_up"], t
     assert stats.cases >= SLOW_CASES * 0.9
     assert not stats.failures, "\n".join(stats.failures[:50])
