@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _SINGLE = (str, bytes, bytearray, memoryview, os.PathLike)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity (a cancelled one is removed from the queue)
 class _Request:
     item: Any
     future: Future
@@ -134,10 +134,21 @@ class _Core:
                     self.has_room.wait(left)
                 if self.closing:
                     raise DetectorClosedError("this BatchingDetector was closed while waiting for queue room")
-            self.pending.append(_Request(item, fut, time.monotonic()))
+            req = _Request(item, fut, time.monotonic())
+            self.pending.append(req)
             self.n_requests += 1
             self.has_work.notify()
+        fut.add_done_callback(lambda f: self._forget(req) if f.cancelled() else None)
         return fut
+
+    def _forget(self, req: _Request) -> None:
+        """A request cancelled while queued leaves the queue at once (its slot counts no more)."""
+        with self.lock:
+            try:
+                self.pending.remove(req)
+            except ValueError:  # the worker already took it (and skips it)
+                return
+            self.has_room.notify()
 
     # -- worker side ---------------------------------------------------------------------------
     def _next_batch(self) -> list[_Request] | None:
@@ -262,8 +273,8 @@ class BatchingDetector:
 
     ``max_batch``: most requests per ``predict`` call. ``max_delay_ms``: longest a batch waits for
     more requests after its first one arrived (0 = never wait; batches still form under load).
-    ``max_queue``: most requests waiting (not counting the batch being run); past it ``submit``
-    raises ``QueueFullError``. ``return_heatmaps`` is passed to every ``predict``.
+    ``max_queue``: most requests waiting (not counting the batch being run; a request cancelled
+    while waiting leaves the queue at once); past it ``submit`` raises ``QueueFullError``. ``return_heatmaps`` is passed to every ``predict``.
 
     Thread-safe: ``submit``, ``predict`` and ``apredict`` may be called from any thread or event
     loop. One daemon worker thread runs the batches; ``close`` joins it, and a BatchingDetector

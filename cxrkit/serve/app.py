@@ -21,13 +21,12 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ..batching import BatchingDetector, restamp
-from ..errors import DetectorClosedError, QueueFullError
-from ..results import Prediction
-from .http import ClientGone, HTTPProblem, parse_multipart, read_body, retry_after_s, status_for
+from ..batching import BatchingDetector
+from .http import HTTPProblem, retry_after_s
 from .metrics import ServeMetrics
+from .predict import PREDICT_OPENAPI, PredictEndpoint, error_body
 
-__all__ = ["ServeConfig", "Service", "create_app", "prediction_json"]
+__all__ = ["ServeConfig", "Service", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,8 @@ class ServeConfig:
     SIGTERM, how long queued requests may still run; at the deadline the ones not yet started get
     503 and the batch running finishes. ``ready_queue_fraction``: /readyz answers 503 while the
     queue holds at least this fraction of ``max_queue``. ``stall_timeout_s``: /healthz answers 503
-    when requests wait and no batch has finished for this long (a wedged device).
+    when requests wait and no batch has finished for this long (a wedged device). ``otel``: keep
+    FastAPI's native OpenTelemetry hooks (off by default: they cost time on every request).
     """
 
     max_batch: int = 32
@@ -55,25 +55,7 @@ class ServeConfig:
     drain_timeout_s: float = 20.0
     ready_queue_fraction: float = 0.9
     stall_timeout_s: float = 120.0
-
-
-def prediction_json(pred: Prediction) -> bytes:
-    """The Prediction as JSON bytes: the same content as a line of ``cxrkit predict``'s JSONL."""
-    fast = getattr(pred, "to_json", None)  # a faster serializer, where results.py has one
-    if callable(fast):
-        out = fast()
-        return out.encode() if isinstance(out, str) else out
-    return json.dumps(pred.to_dict(), separators=(",", ":")).encode()
-
-
-def _error_body(type_: str, message: str) -> bytes:
-    return json.dumps({"error": {"type": type_, "message": message}}).encode()
-
-
-def _dicom_outputs_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("cxrkit.dicom") is not None
+    otel: bool = False  # FastAPI's native OpenTelemetry (where the installed FastAPI has it)
 
 
 class Service:
@@ -267,6 +249,27 @@ class _Instrument:
             self.svc.metrics.observe_request(path, status, time.perf_counter() - t0)
 
 
+class _App(FastAPI):
+    """FastAPI for every route but the hot one: ``POST /v1/predict`` goes straight to its ASGI endpoint."""
+
+    def __init__(self, predict: PredictEndpoint, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._predict = predict
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/predict":
+            await self._predict(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        if not self.openapi_schema:
+            schema = super().openapi()
+            schema.setdefault("paths", {})["/v1/predict"] = PREDICT_OPENAPI
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
 def create_app(detector_factory: Callable[[], Any], config: ServeConfig | None = None, *,
                model: Any = None) -> FastAPI:
     """The ASGI app. ``detector_factory()`` builds the Detector (or any object with
@@ -281,15 +284,20 @@ def create_app(detector_factory: Callable[[], Any], config: ServeConfig | None =
         yield
         await asyncio.get_running_loop().run_in_executor(None, svc.close)
 
-    app = FastAPI(title="cxrkit", summary="Chest X-ray findings (demonstration models; not for clinical use)",
-                  lifespan=lifespan)
+    kw: dict[str, Any] = dict(title="cxrkit", summary="Chest X-ray findings (demonstration models; not for clinical use)",
+                              lifespan=lifespan)
+    try:  # FastAPI >= 0.16x checks OpenTelemetry providers on every request (~10% of the loop's time here)
+        app = _App(PredictEndpoint(svc), telemetry={"tracing": cfg.otel, "metrics": cfg.otel, "logs": cfg.otel},
+                   **kw)
+    except TypeError:  # an older FastAPI without native telemetry
+        app = _App(PredictEndpoint(svc), **kw)
     app.state.service = svc
     app.add_middleware(_Instrument, service=svc)
 
     @app.exception_handler(HTTPProblem)
     async def _problem(request: Request, exc: HTTPProblem) -> Response:
         svc.metrics.error(exc.type)
-        return Response(_error_body(exc.type, exc.message), exc.status, headers=exc.headers, media_type=_JSON)
+        return Response(error_body(exc.type, exc.message), exc.status, headers=exc.headers, media_type=_JSON)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -318,108 +326,7 @@ def create_app(detector_factory: Callable[[], Any], config: ServeConfig | None =
         """The served model's card summary."""
         return Response(json.dumps({"models": [_model_summary(svc)]}), 200, media_type=_JSON)
 
-    @app.post("/v1/predict", openapi_extra=_PREDICT_OPENAPI)
-    async def predict(request: Request) -> Response:
-        """One image as the raw body (JPEG, PNG or DICOM; the format is sniffed from the content), or
-        several as multipart/form-data file parts. Returns the Prediction JSON (boxes in original pixels)."""
-        _check_query(request.query_params)
-        bd = svc.accepting()
-        t0 = time.perf_counter()
-        try:
-            body = await read_body(request.headers, request.receive, cfg.max_body_bytes)
-        except ClientGone:
-            svc.metrics.error("ClientDisconnected")
-            return Response(status_code=499)
-        ctype = request.headers.get("content-type", "")
-        multipart = ctype.lower().startswith("multipart/form-data")
-        if multipart:
-            parts = parse_multipart(body, ctype, cfg.max_parts)
-            items = [p.data for p in parts]
-        elif not body:
-            raise HTTPProblem(400, "BadRequest", "empty request body: POST the bytes of one JPEG, PNG or DICOM "
-                              "file (curl --data-binary @scan.dcm), or multipart/form-data file parts")
-        else:
-            items = [body]
-        futs: list[Future] = []
-        try:
-            for it in items:
-                futs.append(bd.submit(it))
-        except (QueueFullError, DetectorClosedError) as e:
-            for f in futs:
-                f.cancel()
-            raise HTTPProblem(503, type(e).__name__, str(e), {"Retry-After": svc.retry_after()}) from None
-        t_read = time.perf_counter() - t0
-        res = await svc.results(futs, request.receive)
-        if res is None:
-            return Response(status_code=499)  # nobody is listening; counted as a drop
-        t1 = time.perf_counter()
-        m = svc.metrics
-        out: list[bytes] = []
-        statuses: list[int] = []
-        for i, r in enumerate(res):
-            if isinstance(r, BaseException):
-                if isinstance(r, DetectorClosedError):
-                    m.dropped.labels(reason="shutdown_deadline").inc()
-                st = status_for(r)
-                m.error(type(r).__name__)
-                if not multipart:
-                    headers = {"Retry-After": svc.retry_after()} if st == 503 else None
-                    raise HTTPProblem(st, type(r).__name__, str(r), headers)
-                out.append(json.dumps({"source": parts[i].filename, "index": i,
-                                       "error": {"type": type(r).__name__, "message": str(r)}}).encode())
-                statuses.append(st)
-                continue
-            if multipart:
-                r = restamp(r, 0, index=i, source=parts[i].filename)
-            if r.error is None:
-                m.stage["read"].observe(t_read / len(items))
-                m.observe_timings(r.timings_ms)
-                statuses.append(200)
-            else:
-                m.error(type(r.error).__name__)
-                statuses.append(status_for(r.error))
-            out.append(prediction_json(r))
-        if multipart:
-            status = 200 if 200 in statuses else statuses[0]
-            payload = b'{"predictions":[' + b",".join(out) + b'],"statuses":' + json.dumps(statuses).encode() + b"}"
-        else:
-            status, payload = statuses[0], out[0]
-        m.stage["respond"].observe((time.perf_counter() - t1) / len(items))
-        return Response(payload, status, media_type=_JSON)
-
     return app
-
-
-_PREDICT_OPENAPI = {
-    "parameters": [{"name": "dicom", "in": "query", "required": False, "schema": {"type": "string", "enum": ["sr"]},
-                    "description": "sr: DICOM outputs (answers 501 until cxrkit has the DICOM-output feature)"}],
-    "requestBody": {"required": True, "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "application/dicom": {"schema": {"type": "string", "format": "binary"}},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    }},
-}
-
-
-def _check_query(q: Any) -> None:
-    unknown = sorted(set(q.keys()) - {"dicom"})
-    if unknown:
-        raise HTTPProblem(400, "BadRequest", f"unknown query parameter(s) {unknown}; /v1/predict takes only ?dicom=sr")
-    d = q.get("dicom")
-    if d is None:
-        return
-    if d != "sr":
-        raise HTTPProblem(400, "BadRequest", f"dicom={d!r} is not a DICOM output this service knows; use dicom=sr")
-    if not _dicom_outputs_available():
-        raise HTTPProblem(501, "NotImplemented",
-                          "DICOM outputs (?dicom=sr) need cxrkit.dicom (Structured Report writing), which this "
-                          "cxrkit build does not include yet; call /v1/predict without ?dicom for the JSON result")
-    raise HTTPProblem(501, "NotImplemented",
-                      "cxrkit.dicom is installed but this service does not return its DICOM outputs yet; "
-                      "call /v1/predict without ?dicom for the JSON result")
 
 
 def _model_summary(svc: Service) -> dict[str, Any]:
