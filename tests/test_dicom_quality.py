@@ -17,8 +17,6 @@ from cxrkit.io import load_item  # noqa: E402
 from cxrkit.io.quality import header_issues  # noqa: E402
 from test_fuzz_headers import make_dx  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def _codes(ds) -> list[str]:
     return [i.code for i in header_issues(ds)]
@@ -96,9 +94,8 @@ def test_implausible_field_of_view_warns_but_strict_reads() -> None:
     assert _codes(ds) == []
 
 
-def test_real_files(tmp_path: Path) -> None:
-    if not DATA.is_dir():
-        pytest.skip(f"{DATA} (the shared test data) is not present")
+def test_real_files(shared_data: Path) -> None:
+    DATA = shared_data
     cr = DATA / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
     assert load_item(str(cr), 0, strict=True).meta["header_issues"] == []
     for name in ("chest-dx-966-j2k.dcm", "dx-tiny-monochrome1.dcm", "nema-rg1/RG1_UNCR.dcm"):
