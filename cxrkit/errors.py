@@ -23,6 +23,7 @@ __all__ = [
     "QueueFullError",
     "BatchFailedError",
     "DetectorClosedError",
+    "DicomNetworkError",
 ]
 
 
@@ -98,3 +99,15 @@ class BatchFailedError(BackendError):
 
 class DetectorClosedError(CxrkitError, RuntimeError):
     """A (Batching)Detector was closed before (or while) this request could run."""
+
+
+class DicomNetworkError(CxrkitError, RuntimeError):
+    """A DICOM association or DIMSE exchange failed: the peer refused or aborted the association,
+    did not answer, or answered a C-STORE with a failure status (``status`` holds it, else None)."""
+
+    def __init__(self, message: str, status: "int | None" = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.status))
