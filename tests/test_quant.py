@@ -4,10 +4,13 @@ A small conv net (32 x 32 input, stride 4 heatmaps, 3 findings, BatchNorm, a dep
 a residual add), trained for a few seconds on synthetic blobs so its scores mean something, is exported to ONNX in a temp dir and packaged with a card, so these tests are fast and do not
 depend on the bundled models.
 
-Tolerances (measured on this net, 300 held-out images, logits std ~3; asserted with margin below):
+Tolerances (measured on this net, 300 held-out images, heatmap logits std ~2.1; asserted with margin below):
   fp16 vs fp32: max |score diff| 1.6e-3, max |heatmap logit diff| 9e-3     -> assert < 5e-3, < 3e-2
-  int8 vs fp32 (percentile 99.99, 7-bit weights): max |score diff| ~0.2, max |heatmap logit diff|
-      ~4.8, per-finding AUROC drop <= 0.0015, decision agreement >= 0.98   -> assert < 0.3, < 7,
+  int8 vs fp32 (percentile 99.99, 7-bit weights), measured 2026-11-30: heatmap logits mean |diff|
+      0.10 (0.05 std), 99th percentile 0.36 (0.17 std), correlation 0.998; scores mean |diff| 0.007,
+      max 0.20; decision agreement 0.988 -> _int8_closeness: < 0.1 std, < 0.5 std, > 0.99, < 0.02,
+      < 0.3, > 0.97. The same bounds reject a graph whose activation scales are 0.3x the calibrated
+      ones (measured 0.25 std, 2.7 std, 0.82, 0.14, 0.99, 0.82). Per-finding AUROC drop <= 0.0015:
       the guard at its real limits with labels, agreement >= 0.97 without.
   This 16-channel net is a hard case (few channels, the signal in rare large activations);
   entropy calibration clips that tail and fails the guard here (AUROC drop up to 0.09).
@@ -185,9 +188,34 @@ def test_int8_graph_is_per_channel_qdq_and_close(pkg_dir, calib, holdout, tmp_pa
     outs = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
     assert outs == {"logits": onnx.TensorProto.FLOAT, "heatmaps": onnx.TensorProto.FLOAT}
     ref, low = _run(pkg_dir / "model.onnx", holdout), _run(tmp_path / "m8.onnx", holdout)
-    assert np.abs(_sig(ref[0]) - _sig(low[0])).max() < 0.3
-    assert np.abs(ref[1] - low[1]).max() < 7.0
-    assert ((ref[0] >= 0) == (low[0] >= 0)).mean() > 0.97
+    assert _int8_closeness(ref, low) == []
+
+
+def _int8_closeness(ref, low) -> list[str]:
+    """What is wrong with int8 outputs ``low`` against fp32 ``ref`` (bounds in the module docstring)."""
+    std = float(ref[1].std())
+    d = np.abs(ref[1] - low[1])
+    ds = np.abs(_sig(ref[0]) - _sig(low[0]))
+    checks = {
+        "heatmap mean |diff| < 0.1 std": d.mean() < 0.1 * std,
+        "heatmap p99 |diff| < 0.5 std": np.percentile(d, 99) < 0.5 * std,
+        "heatmap correlation > 0.99": np.corrcoef(ref[1].ravel(), low[1].ravel())[0, 1] > 0.99,
+        "score mean |diff| < 0.02": ds.mean() < 0.02,
+        "score max |diff| < 0.3": ds.max() < 0.3,
+        "decision agreement > 0.97": ((ref[0] >= 0) == (low[0] >= 0)).mean() > 0.97,
+    }
+    return [k for k, ok in checks.items() if not ok]
+
+
+def test_int8_closeness_bounds_reject_a_miscalibrated_graph(pkg_dir, calib, holdout, monkeypatch):
+    """The bounds above can fail: activation scales at 0.3x the calibrated ones break most of them."""
+    import cxrkit.quant as q
+
+    real = q.collect_ranges
+    monkeypatch.setattr(q, "collect_ranges", lambda *a, **k: {t: v * 0.3 for t, v in real(*a, **k).items()})
+    m, _, _ = q.quantize_int8(pkg_dir / "model.onnx", calib)
+    failed = _int8_closeness(_run(pkg_dir / "model.onnx", holdout), _run(m, holdout))
+    assert len(failed) >= 4, failed
 
 
 def test_int8_calibrators_order(pkg_dir, calib, holdout):
@@ -318,42 +346,55 @@ def test_auroc_matches_rank_definition():
     assert auroc(s, np.zeros(5)) is None
 
 
-def test_int8_runner_on_cpu(pkg_dir, calib, holdout, tmp_path):
+@pytest.fixture(scope="module")
+def guarded_int8(pkg_dir, calib, holdout, tmp_path_factory) -> Path:
+    """An int8 package whose forms PASSED the guard (no override), as a user gets it."""
+    from cxrkit.quant import quantize
+
+    out = tmp_path_factory.mktemp("guarded") / "q"
+    res = quantize(pkg_dir, calib, out=out, holdout=holdout, precisions=("int8",), keep_fp32=[":last"],
+                   min_agreement=0.97)
+    assert all(r.passed and not r.overridden for r in res.reports.values()), res.reports
+    return out
+
+
+def test_int8_runner_on_cpu(guarded_int8, holdout):
+    """precision="int8" on the CPU runs exactly the package's CPU int8 graph (bit for bit what ONNX
+    Runtime gives for that file), fp32 the fp32 graph, and the two stay within the int8 bounds."""
     from cxrkit.backends import create_runner
-    from cxrkit.quant import quantize
 
-    quantize(pkg_dir, calib, out=tmp_path / "q", holdout=holdout, precisions=("int8",), allow_accuracy_drop=True)
-    pkg = load_model_package(tmp_path / "q")
+    pkg = load_model_package(guarded_int8)
+    x = holdout[:64]
     with create_runner(pkg, "onnxruntime", "cpu", "int8") as r8, create_runner(pkg, "onnxruntime", "cpu", "fp32") as r32:
-        a, b = r32.infer(holdout[:8]), r8.infer(holdout[:8])
-    assert np.abs(_sig(a["logits"]) - _sig(b["logits"])).max() < 0.3
-    assert a["heatmaps"].shape == b["heatmaps"].shape and b["heatmaps"].dtype == np.float32
+        a, b = r32.infer(x), r8.infer(x)
     assert pkg.file("onnx_int8_cpu") is not None and r8._graph_path() == pkg.verified("onnx_int8_cpu")
+    g8, g32 = _run(pkg.verified("onnx_int8_cpu"), x), _run(pkg.verified("onnx"), x)
+    np.testing.assert_array_equal(b["logits"], g8[0])
+    np.testing.assert_array_equal(b["heatmaps"], g8[1])
+    np.testing.assert_array_equal(a["logits"], g32[0])
+    assert b["heatmaps"].dtype == np.float32 and b["heatmaps"].shape == a["heatmaps"].shape
+    assert _int8_closeness((a["logits"], a["heatmaps"]), (b["logits"], b["heatmaps"])) == []
 
 
-def test_detector_int8_end_to_end(tmp_path):
-    """The bundled cxr-probe through Detector(precision="int8") once the Detector pieces exist."""
-    try:
-        from cxrkit import Detector
-        from cxrkit.io import load_item  # noqa: F401
-        from cxrkit.postprocess import detect  # noqa: F401
-        from cxrkit.preprocess import Preprocessor  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"Detector path not complete yet: {e}")
-    from cxrkit.quant import quantize
+def test_detector_int8_end_to_end(guarded_int8, holdout):
+    """Detector(precision="int8") on 8-bit images of the held-out set: each score is the int8 CPU
+    graph's own output for the preprocessed image (so the Detector really runs int8), fp32 likewise,
+    and int8 stays within the bounds of the mean score error against fp32 (continuous logits of a
+    trained net, not the probe's +-8 steps)."""
+    from cxrkit import Detector
 
-    pkg = load_model_package("cxr-probe")
-    H, W = pkg.card.input_hw
-    img = np.zeros((H, W), np.uint8)
-    img[64:128, 64:128] = 64  # unit 0.25: nodule
-    img[150:230, 40:120] = 166  # unit 0.65: pneumothorax
-    calib = [img] * 3 + [np.full((H, W), v, np.uint8) for v in (0, 90, 140, 200, 255)]
-    quantize(pkg, calib, out=tmp_path / "probe", precisions=("int8",))
-    with Detector(tmp_path / "probe", precision="int8") as d8, Detector(tmp_path / "probe") as d32:
-        p8, p32 = d8.predict([img])[0], d32.predict([img])[0]
-    assert p8.error is None
-    for k in ("nodule", "pneumothorax"):
-        assert p8.findings[k].score == pytest.approx(p32.findings[k].score, abs=1e-3)
+    pkg = load_model_package(guarded_int8)
+    imgs = [np.clip((x[0] * 0.25 + 0.5) * 255 + 0.5, 0, 255).astype(np.uint8) for x in holdout[:32]]
+    x = np.stack([(im.astype(np.float32) / 255 - 0.5) / 0.25 for im in imgs])[:, None]  # the card's normalization
+    with Detector(guarded_int8, precision="int8") as d8, Detector(guarded_int8) as d32:
+        p8, p32 = d8.predict(imgs), d32.predict(imgs)
+    assert all(p.error is None for p in p8 + p32)
+    s8 = np.array([[p.findings[k].score for k in LABELS] for p in p8])
+    s32 = np.array([[p.findings[k].score for k in LABELS] for p in p32])
+    np.testing.assert_allclose(s8, _sig(_run(pkg.verified("onnx_int8_cpu"), x)[0]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(s32, _sig(_run(pkg.verified("onnx"), x)[0]), rtol=0, atol=1e-6)
+    assert not np.array_equal(s8, s32)  # int8 really differs from fp32 ...
+    assert np.abs(s8 - s32).mean() < 0.02 and np.abs(s8 - s32).max() < 0.3  # ... within the int8 bounds
 
 
 def test_int8_cpu_uint8_variant_folds_relu_and_stays_close(pkg_dir, calib, holdout, tmp_path):
