@@ -1,6 +1,6 @@
 """GPU post-processing kernels vs the same function in torch ops, measured in one run.
 
-    python benchmarks/bench_kernels.py            # prints the table (well under 2 minutes)
+    python benchmarks/bench_kernels.py [--json F]  # prints the table (well under 2 minutes)
     pytest benchmarks/bench_kernels.py --benchmark-enable   # the same cases under pytest-benchmark
 
 Heatmaps: fp16 (B, 29, 128, 128) smooth random logits (blurred noise, never zeros), thresholds 0.5.
@@ -169,4 +169,16 @@ def test_bench_batched_nms(benchmark, n):
 
 
 if __name__ == "__main__":
-    run()
+    import argparse
+    import json
+    import time
+
+    ap = argparse.ArgumentParser(description="CUDA post-processing kernels vs torch/torchvision, one run")
+    ap.add_argument("--json", help="also write the rows (with card and date) to this file")
+    args = ap.parse_args()
+    result = run()
+    if args.json:
+        import torch
+
+        Path(args.json).write_text(json.dumps({"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                                               "rows": result}, indent=2))

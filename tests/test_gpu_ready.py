@@ -239,3 +239,25 @@ def test_device_check_script_uses_only_what_the_gpu_machine_has():
         assert (ROOT / rel).is_file(), rel
     if shutil.which("bash"):
         subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "device_check.sh")], check=True)
+
+
+def test_carried_wheels_cover_what_the_gpu_check_imports():
+    """The static half of benchmarks/check_device_wheels.py (the venv half runs by hand before a GPU
+    session): every third-party module the GPU tests and benchmarks import, lazy imports in cxrkit
+    included, is on the GPU machine, absent by design, or downloaded by the README's recipe."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import check_device_wheels as cdw
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    found = cdw.collect()
+    assert {"safetensors", "pydicom", "jsonschema", "nvidia.dali", "torch"} <= set(found.third_party)
+    assert any(u.where.startswith("cxrkit/nets/weights.py") for u in found.third_party["safetensors"])
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    recipe = " ".join(re.findall(r"pip download[^\n]*(?:\n[^\n]*\\\\?)*", readme)) + readme
+    for name in found.third_party:
+        if name in cdw.GPU_MACHINE_HAS or name in cdw.NOT_ON_GPU_MACHINE:
+            continue
+        project = cdw.IMPORT_TO_PROJECT.get(name)
+        assert project is not None, f"{name}: imported by the GPU check, not mapped to a carried wheel"
+        assert re.search(rf"(?<![\w-]){re.escape(project)}(==|\s|;|$)", recipe), f"{project} not in the README recipe"
