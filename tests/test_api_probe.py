@@ -66,21 +66,33 @@ def test_probe_finds_every_square_in_original_pixels(det, fmt):
         json.dumps(pred.to_dict())
 
 
-def test_torch_and_onnxruntime_agree(det):
-    """Same batch through both backends: scores within 1e-5, identical boxes (fp32)."""
-    rng = np.random.default_rng(7)
-    imgs = [encode(render(h, w, random_squares(rng, h, w, 2, int(np.ceil(40 / min(256 / h, 256 / w))))), "u8")
-            for h, w in SIZES]
-    with cxrkit.Detector.from_pretrained("cxr-probe", backend="torch") as dt, \
-            cxrkit.Detector.from_pretrained("cxr-probe", backend="onnxruntime") as do:
+def test_torch_and_onnxruntime_agree():
+    """Same batch through both backends with cxr29-demo (continuous outputs; the probe's +-8 logit
+    steps would agree even if one backend were slightly wrong): heatmaps and scores within 1e-5,
+    the same decisions (but for a score within 1e-5 of its threshold) and the same boxes.
+    Properties of the packaged model whatever its weights, not its exact outputs."""
+    from cxrkit.bench import synthetic_radiograph
+
+    imgs = [synthetic_radiograph(s, i) for i, s in enumerate((300, 640, 256))]
+    imgs[1] = imgs[1][:, :360]  # non-square: letterbox padding in play
+    with cxrkit.Detector.from_pretrained("cxr29-demo", backend="torch") as dt, \
+            cxrkit.Detector.from_pretrained("cxr29-demo", backend="onnxruntime") as do:
         assert dt.backend_name == "torch" and do.backend_name == "onnxruntime"
         pt, po = dt.predict(imgs, return_heatmaps=True), do.predict(imgs, return_heatmaps=True)
+        thresholds = dict(zip(do.labels, do.card.thresholds))
+    spread = 0.0
     for a, b in zip(pt, po):
-        np.testing.assert_allclose(a.heatmaps, b.heatmaps, atol=1e-5)
-        for key in PROBE_LABELS:
-            fa, fb = a.findings[key], b.findings[key]
-            assert abs(fa.score - fb.score) <= 1e-5 and fa.positive == fb.positive
-            np.testing.assert_array_equal(fa.boxes_xyxy, fb.boxes_xyxy)
+        assert a.error is None and b.error is None
+        np.testing.assert_allclose(a.heatmaps, b.heatmaps, rtol=0, atol=1e-5)
+        spread = max(spread, float(a.heatmaps.max() - a.heatmaps.min()))
+        for key, fa in a.findings.items():
+            fb = b.findings[key]
+            assert abs(fa.score - fb.score) <= 1e-5, (key, fa.score, fb.score)
+            if abs(fa.score - thresholds[key]) > 1e-5:
+                assert fa.positive == fb.positive, key
+                if fa.positive:
+                    np.testing.assert_allclose(fa.boxes_xyxy, fb.boxes_xyxy, rtol=0, atol=1e-3)
+    assert spread > 1e-2  # the heatmaps vary: the comparison is not between two flat maps
 
 
 def test_corrupt_item_leaves_batch_identical(det):
@@ -136,15 +148,25 @@ def test_prediction_fields(det):
 @pytest.mark.dali
 @pytest.mark.parametrize("fmt", ["jpeg", "png8", "png16", "u16", "dicom"])
 def test_dali_cpu_path_gives_the_same_answers(det, fmt):
-    """The DALI pipeline (device="cpu") and the default native path agree: same boxes, same scores."""
+    """The DALI pipeline (device="cpu") and the default native path compute the same model input:
+    preprocessed tensors within 1.5e-5 in unit intensity (one 16-bit step; measured 8.1e-6), the
+    same letterbox transforms; then the same findings through the probe."""
+    from cxrkit.io import load_item
+
     rng = np.random.default_rng(200 + FORMATS.index(fmt))
     inputs = []
     for h, w in SIZES:
         scale = min(256 / h, 256 / w)
         inputs.append(encode(render(h, w, random_squares(rng, h, w, n=3, min_side=int(np.ceil(40 / scale)))), fmt))
     with cxrkit.Detector.from_pretrained("cxr-probe", batch_size=4, preprocess="dali") as dd:
-        assert dd.preprocessor.backend == "dali"
+        assert dd.preprocessor.backend == "dali" and det.preprocessor.backend == "numpy" and det.preprocessor.fast_resize
+        rd = dd.preprocessor.run([load_item(x, i) for i, x in enumerate(inputs)])
+        rn = det.preprocessor.run([load_item(x, i) for i, x in enumerate(inputs)])
         pd = dd.predict(inputs)
+    assert rd.ok_positions == rn.ok_positions == list(range(len(inputs))) and rd.transforms == rn.transforms
+    std = det.card.std
+    assert np.abs(rd.batch - rn.batch).max() * std <= 1.5e-5
+    assert np.ptp(rn.batch) * std > 0.5  # real images, not flat ones
     pn = det.predict(inputs)
     for a, b in zip(pd, pn):
         assert a.error is None and b.error is None

@@ -45,9 +45,14 @@ def test_runner_checks_shapes_and_returns_contract(probe, backend):
             r.infer(np.zeros((1, 1, 128, 128), np.float32))
 
 
-def test_backends_agree_on_random_batch(probe):
-    x = np.random.default_rng(1).uniform(-2, 2, (2, 1, 256, 256)).astype(np.float32)
-    with create_runner(probe, "onnxruntime") as a, create_runner(probe, "torch") as b:
+def test_backends_agree_on_random_batch():
+    """ONNX Runtime and torch on the same batch with cxr29-demo, a trained network with continuous
+    outputs (the probe's logits are +-8 steps, which agree even when a backend is slightly off)."""
+    demo = load_model_package("cxr29-demo")
+    H, W = demo.card.input_hw
+    x = np.random.default_rng(1).uniform(-2, 2, (2, 1, H, W)).astype(np.float32)
+    with create_runner(demo, "onnxruntime") as a, create_runner(demo, "torch") as b:
         oa, ob = a.infer(x), b.infer(x)
-    np.testing.assert_allclose(oa["logits"], ob["logits"], atol=1e-5)
-    np.testing.assert_allclose(oa["heatmaps"], ob["heatmaps"], atol=1e-5)
+    assert np.ptp(oa["heatmaps"]) > 1.0 and len(np.unique(oa["logits"])) > 1  # not step outputs
+    np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(oa["heatmaps"], ob["heatmaps"], rtol=0, atol=1e-4)
