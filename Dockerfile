@@ -17,13 +17,13 @@ COPY csrc ./csrc
 COPY cxrkit ./cxrkit
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-# -- run: the wheel with its `serve` extra, as an unprivileged user --------------------------------
+# -- run: the wheel with its `serve` and `dicom` extras (?dicom=sr outputs), as an unprivileged user ---
 FROM python:3.11-slim
 COPY --from=build /wheels /wheels
-# the versions are the ranges of cxrkit's own dependencies and `serve` extra (pyproject.toml)
+# the versions are the ranges of cxrkit's own dependencies and extras (pyproject.toml)
 # hadolint ignore=DL3013
 RUN WHEEL="$(ls /wheels/cxrkit-*.whl)" \
- && pip install --no-cache-dir "${WHEEL}[serve]" \
+ && pip install --no-cache-dir "${WHEEL}[serve,dicom]" \
  && rm -rf /wheels \
  && useradd --create-home --uid 10001 cxrkit \
  && mkdir -p /cache \

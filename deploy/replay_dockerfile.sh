@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Replays the CPU Dockerfile's steps where no Docker engine runs: hadolint on the Dockerfile (if
 # installed), the build context it COPYs alone, `pip wheel --no-deps .`, then a clean venv with
-# "<wheel>[serve]" and `cxrkit serve` probed over HTTP like the HEALTHCHECK and an orchestrator would.
+# "<wheel>[serve,dicom]" and `cxrkit serve` probed over HTTP like the HEALTHCHECK and an orchestrator would.
 # The base images and `docker build` itself are not exercised. Usage: bash deploy/replay_dockerfile.sh
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,7 +18,7 @@ python3 -m venv "$WORK/build-venv"
 (cd "$WORK/ctx" && "$WORK/build-venv/bin/pip" wheel -q --no-cache-dir --no-deps --wheel-dir "$WORK/wheels" .)
 python3 -m venv "$WORK/venv"
 WHEEL="$(ls "$WORK"/wheels/cxrkit-*.whl)"
-"$WORK/venv/bin/pip" install -q --no-cache-dir "${WHEEL}[serve]"
+"$WORK/venv/bin/pip" install -q --no-cache-dir "${WHEEL}[serve,dicom]"
 cd "$WORK"
 "$WORK/venv/bin/cxrkit" serve --host 127.0.0.1 --port "$PORT" --model cxr29-demo --device cpu > "$WORK/serve.log" 2>&1 &
 SP=$!
@@ -36,5 +36,9 @@ req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/predict", data=
 d = json.load(urllib.request.urlopen(req, timeout=60))
 assert d["error"] is None and d["image_size"] == [512, 512], d
 print("POST /v1/predict: ok,", len(d["findings"]), "findings")
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/predict?dicom=sr", data=buf.getvalue(), method="POST")
+r = urllib.request.urlopen(req, timeout=60)
+assert r.headers["Content-Type"].startswith('multipart/related; type="application/dicom"'), r.headers
+print("POST /v1/predict?dicom=sr: ok,", len(r.read()), "bytes of DICOM")
 PY
 kill -TERM "$SP"; wait "$SP"; echo "cxrkit serve exit after SIGTERM: $?"

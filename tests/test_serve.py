@@ -163,17 +163,74 @@ def test_request_errors(client):
     assert r.status_code == 400 and "empty request body" in r.json()["error"]["message"]
     r = client.post("/v1/predict?thresholds=0.2", content=b"x")
     assert r.status_code == 400 and "thresholds" in r.json()["error"]["message"]
-    r = client.post("/v1/predict?dicom=gsps", content=b"x")
-    assert r.status_code == 400
     r = client.get("/v1/predict")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
-def test_dicom_sr_is_a_clear_501(client):
+def _related_parts(resp) -> list[bytes]:
+    ctype = resp.headers["content-type"]
+    assert ctype.startswith('multipart/related; type="application/dicom"'), ctype
+    boundary = ctype.split("boundary=")[1].encode()
+    chunks = resp.content.split(b"--" + boundary)
+    assert chunks[0] == b"" and chunks[-1] == b"--\r\n"
+    out = []
+    for c in chunks[1:-1]:
+        head, body = c.split(b"\r\n\r\n", 1)
+        assert b"content-type: application/dicom" in head.lower()
+        out.append(body[:-2])  # the CRLF before the next boundary
+    return out
+
+
+def _referenced_uids(ds) -> set[str]:
+    found = set()
+    for elem in ds.iterall():
+        if elem.keyword == "ReferencedSOPInstanceUID":
+            found.add(str(elem.value))
+    return found
+
+
+def test_dicom_sr_of_a_dicom_source(client):
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    src = pydicom.dcmread(io.BytesIO(encode(_image(256, 256, 7)[0], "dicom")))
+    src.StudyInstanceUID, src.SeriesInstanceUID = generate_uid(), generate_uid()
+    buf = io.BytesIO()
+    src.save_as(buf, enforce_file_format=True)
+    r = client.post("/v1/predict?dicom=sr", content=buf.getvalue())
+    assert r.status_code == 200, r.text[:500]
+    (part,) = _related_parts(r)
+    sr = pydicom.dcmread(io.BytesIO(part))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == src.StudyInstanceUID
+    assert src.SOPInstanceUID in _referenced_uids(sr)
+
+
+def test_dicom_outputs_of_a_png_source_come_with_its_secondary_capture(client):
+    import io
+
+    import pydicom
+
+    r = client.post("/v1/predict?dicom=sr,gsps,sc", content=encode(_image(200, 240, 8)[0], "png8"))
+    assert r.status_code == 200, r.text[:500]
+    sets = [pydicom.dcmread(io.BytesIO(p)) for p in _related_parts(r)]
+    assert len(sets) == 4 and [d.Modality for d in sets[2:]] == ["PR", "SR"]
+    source_sc = sets[0]
+    assert all(d.StudyInstanceUID == source_sc.StudyInstanceUID for d in sets)
+    assert source_sc.SOPInstanceUID in _referenced_uids(sets[3])
+
+
+def test_dicom_query_errors(client):
     png = encode(_image(64, 64, 4)[0], "png8")
-    r = client.post("/v1/predict?dicom=sr", content=png)
-    assert r.status_code == 501
-    assert r.json()["error"]["type"] == "NotImplemented" and "dicom" in r.json()["error"]["message"].lower()
+    r = client.post("/v1/predict?dicom=seg", content=png)
+    assert r.status_code == 400 and "dicom='seg'" in r.json()["error"]["message"]
+    r = client.post("/v1/predict?dicom=sr", files=[("file", ("a.png", png, "image/png"))])
+    assert r.status_code == 400 and "one image per request" in r.json()["error"]["message"]
+    r = client.post("/v1/predict?dicom=sr", content=png[:40])  # a failed image: its own 4xx JSON
+    assert r.status_code == 422 and r.json()["error"]["type"] == "DecodeError"
+    r = client.post("/v1/predict?dicom=sr", content=encode(_image(128, 128, 9)[0], "dicom"))  # no Study UID
+    assert r.status_code == 422 and "no DICOM outputs" in r.json()["error"]["message"]
 
 
 def _raw_request(port: int, head: bytes, body_parts: list[bytes], timeout: float = 10.0) -> bytes:

@@ -16,7 +16,8 @@ Names (all prefixed ``cxrkit_``):
 ``batch_seconds``                   histogram  wall time of one batch's ``predict`` (``failed`` label)
 ``stage_seconds``                   histogram  per image, by ``stage``: read (request body), queue, load,
                                                preprocess, infer, postprocess (the batch's time shared out
-                                               per image, as ``Prediction.timings_ms``), respond (JSON)
+                                               per image, as ``Prediction.timings_ms``), respond (JSON),
+                                               dicom (making DICOM outputs, ?dicom=)
 ==================================  =========  ==============================================================
 """
 
@@ -27,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["ServeMetrics", "STAGES"]
 
-STAGES = ("read", "queue", "load", "preprocess", "infer", "postprocess", "respond")
+STAGES = ("read", "queue", "load", "preprocess", "infer", "postprocess", "respond", "dicom")
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

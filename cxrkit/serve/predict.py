@@ -8,6 +8,11 @@ several as ``multipart/form-data`` file parts. Single image: the Prediction JSON
 corrupt or inconsistent), with the same content as a line of ``cxrkit predict``'s JSONL.
 Multipart: ``{"predictions": [...], "statuses": [...]}`` in part order, each source the part's
 filename; 200 if any image succeeded, otherwise the first image's status.
+
+``?dicom=sr`` (or ``sr,gsps,sc``, any of them): for one image, its DICOM outputs from
+``cxrkit.dicom.make_outputs`` (TID 1500 Comprehensive SR, presentation state, burned-in Secondary
+Capture) as ``multipart/related; type="application/dicom"``, a JPEG/PNG source's own Secondary
+Capture first (the outputs reference it). A failed image answers its 4xx JSON as usual.
 """
 
 from __future__ import annotations
@@ -48,15 +53,39 @@ def error_body(type_: str, message: str) -> bytes:
 
 
 def dicom_outputs_available() -> bool:
+    """cxrkit.dicom (make_outputs) and highdicom are importable."""
     import importlib.util
 
-    return importlib.util.find_spec("cxrkit.dicom") is not None
+    return importlib.util.find_spec("cxrkit.dicom") is not None and importlib.util.find_spec("highdicom") is not None
+
+
+def dicom_multipart(pred: Prediction, source: bytes, kinds: tuple[str, ...], model: Any) -> tuple[bytes, str]:
+    """The DICOM outputs of ``pred`` as a ``multipart/related; type="application/dicom"`` body (the
+    DICOMweb form), in the order to store them: for a JPEG/PNG source the Secondary Capture holding
+    the input image (the others reference it) comes first. Runs off the event loop (highdicom)."""
+    import io
+    import uuid
+
+    from ..dicom import make_outputs
+
+    outs = make_outputs(pred, source, kinds=kinds, model=model)
+    boundary = uuid.uuid4().hex
+    parts = []
+    for ds in outs.datasets():
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        parts.append(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + buf.getvalue()
+                     + b"\r\n")
+    body = b"".join(parts) + b"--" + boundary.encode() + b"--\r\n"
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
 async def respond(send: Any, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-    h = _JSON_HEADERS + [(b"content-length", str(len(body)).encode())]
+    h = [(b"content-length", str(len(body)).encode())]
     if headers:
         h += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    if not headers or "Content-Type" not in headers:
+        h += _JSON_HEADERS
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
 
@@ -95,8 +124,9 @@ class PredictEndpoint:
         if scope["method"] != "POST":
             raise HTTPProblem(405, "MethodNotAllowed", f"{scope['method']} /v1/predict: only POST is allowed",
                               {"Allow": "POST"})
+        kinds = None
         if scope["query_string"]:
-            _check_query(dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)))
+            kinds = _check_query(dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)))
         bd = svc.accepting()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
                    if k in (b"content-length", b"content-type")}
@@ -109,6 +139,9 @@ class PredictEndpoint:
         ctype = headers.get("content-type", "")
         multipart = ctype.lower().startswith("multipart/form-data")
         if multipart:
+            if kinds:
+                raise HTTPProblem(400, "BadRequest", "?dicom= takes one image per request (the raw body), not "
+                                  "multipart; post each image on its own")
             parts = parse_multipart(body, ctype, cfg.max_parts)
             items = [p.data for p in parts]
         elif not body:
@@ -158,37 +191,57 @@ class PredictEndpoint:
         if multipart:
             status = 200 if 200 in statuses else statuses[0]
             payload = b'{"predictions":[' + b",".join(out) + b'],"statuses":' + json.dumps(statuses).encode() + b"}"
+        elif kinds and statuses[0] == 200:
+            return await self._dicom(res[0], body, kinds)
         else:
             status, payload = statuses[0], out[0]
         m.stage["respond"].observe((time.perf_counter() - t1) / len(items))
         return status, payload, None
 
+    async def _dicom(self, pred: Prediction, source: bytes,
+                     kinds: tuple[str, ...]) -> tuple[int, bytes, dict[str, str] | None]:
+        import asyncio
 
-def _check_query(q: dict[str, str]) -> None:
+        from ..errors import InputError
+
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            body, ctype = await loop.run_in_executor(None, dicom_multipart, pred, source, kinds, self.svc.detector)
+        except InputError as e:
+            raise HTTPProblem(422, type(e).__name__, f"no DICOM outputs: {e}") from None
+        self.svc.metrics.stage["dicom"].observe(time.perf_counter() - t0)
+        return 200, body, {"Content-Type": ctype}
+
+
+def _check_query(q: dict[str, str]) -> tuple[str, ...] | None:
+    """The DICOM output kinds asked for with ``?dicom=sr[,gsps,sc]``, or None."""
     unknown = sorted(set(q) - {"dicom"})
     if unknown:
-        raise HTTPProblem(400, "BadRequest", f"unknown query parameter(s) {unknown}; /v1/predict takes only ?dicom=sr")
+        raise HTTPProblem(400, "BadRequest", f"unknown query parameter(s) {unknown}; /v1/predict takes only "
+                          "?dicom=sr (or a comma-separated list of sr, gsps, sc)")
     d = q.get("dicom")
     if d is None:
-        return
-    if d != "sr":
-        raise HTTPProblem(400, "BadRequest", f"dicom={d!r} is not a DICOM output this service knows; use dicom=sr")
+        return None
+    kinds = tuple(dict.fromkeys(k.strip() for k in d.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in ("sr", "gsps", "sc")]
+    if bad or not kinds:
+        raise HTTPProblem(400, "BadRequest", f"dicom={d!r}: expected sr, gsps, sc or a comma-separated list of them")
     if not dicom_outputs_available():
         raise HTTPProblem(501, "NotImplemented",
-                          "DICOM outputs (?dicom=sr) need cxrkit.dicom (Structured Report writing), which this "
-                          "cxrkit build does not include yet; call /v1/predict without ?dicom for the JSON result")
-    raise HTTPProblem(501, "NotImplemented",
-                      "cxrkit.dicom is installed but this service does not return its DICOM outputs yet; "
-                      "call /v1/predict without ?dicom for the JSON result")
+                          "DICOM outputs (?dicom=sr) need cxrkit.dicom and highdicom, which this installation lacks: "
+                          "pip install 'cxrkit[dicom]'; or call /v1/predict without ?dicom for the JSON result")
+    return kinds
 
 
 PREDICT_OPENAPI: dict[str, Any] = {
     "post": {
         "summary": "Predict findings for one image (raw body) or several (multipart/form-data)",
         "description": (__doc__ or "").split("\n\n", 1)[-1],
-        "parameters": [{"name": "dicom", "in": "query", "required": False,
-                        "schema": {"type": "string", "enum": ["sr"]},
-                        "description": "sr: DICOM outputs (501 while this service cannot return them)"}],
+        "parameters": [{"name": "dicom", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "sr, gsps, sc or a comma-separated list: answer with those DICOM outputs "
+                                       "(multipart/related; type=application/dicom) instead of JSON; one image "
+                                       "per request"}],
         "requestBody": {"required": True, "content": {
             **{t: {"schema": {"type": "string", "format": "binary"}}
                for t in ("application/octet-stream", "image/jpeg", "image/png", "application/dicom")},
@@ -196,10 +249,11 @@ PREDICT_OPENAPI: dict[str, Any] = {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
         }},
         "responses": {
-            "200": {"description": "Prediction JSON (multipart: predictions and statuses)"},
+            "200": {"description": "Prediction JSON (multipart: predictions and statuses); with ?dicom=: "
+                           "multipart/related DICOM outputs"},
             "400": {"description": "malformed request"}, "413": {"description": "body or image over the limits"},
             "415": {"description": "not a JPEG, PNG or DICOM"}, "422": {"description": "corrupt image"},
-            "501": {"description": "?dicom=sr not available"},
+            "501": {"description": "?dicom= asked where cxrkit.dicom / highdicom are not installed"},
             "503": {"description": "queue full, loading or shutting down (Retry-After)"},
         },
     }
