@@ -12,6 +12,7 @@ Arrays are not copied when already contiguous. Their value range: uint8 (0, 255)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -46,6 +47,8 @@ def describe_item(item: Any, index: int) -> str:
         from cxrkit.io.dicom import describe_dataset
 
         return describe_dataset(item, index)
+    if isinstance(item, LoadedImage):
+        return item.source
     return f"<{type(item).__name__} #{index}>"
 
 
@@ -69,7 +72,14 @@ def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_i
     another body part, MG/XA/... modality, colour) raises ``UnsuitableImageError`` before it is
     decoded; without ``strict`` it is read and each such finding is a warning (and a code in
     ``meta["header_issues"]``). See ``cxrkit.io.quality``. JPEG/PNG/arrays have no header to check.
+
+    A ``LoadedImage`` (what this function returned before) passes through as it is, with ``index``
+    set: a caller that needs the pixels too (the DICOM node renders them into its Secondary
+    Capture) reads an image once and hands that to the Detector. The options it was read with stay
+    its own.
     """
+    if isinstance(item, LoadedImage):
+        return item if item.index == index else dataclasses.replace(item, index=index)
     source = describe_item(item, index)
     try:
         return _load(item, source, index, limits, (voi_window_index, keep_j2k_frame, strict))
