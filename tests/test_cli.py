@@ -64,9 +64,32 @@ def test_info_lists_backends_and_models(capsys):
     assert info["cpu_kernels"] == "cxrkit._C built"
 
 
-def test_console_script_runs(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cxrkit.cli", "info"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and '"cxrkit"' in r.stdout
+def test_cxrkit_entry_point_runs_the_readme_command(tmp_path):
+    """The installed `cxrkit` console script (not `python -m`), with README's first command verbatim
+    but for the output paths: the bundled samples through the default model, one JSON line each."""
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "cxrkit"]
+    assert ep.value == "cxrkit.cli:main"
+    exe = Path(sys.executable).with_name("cxrkit")
+    assert exe.is_file(), f"{exe} missing: cxrkit is not installed in this environment (pip install -e .)"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "cxrkit predict samples/ --overlay overlays/ --out results.jsonl" in readme
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([str(exe), "predict", "samples/", "--overlay", str(tmp_path / "overlays"),
+                        "--out", str(tmp_path / "results.jsonl")], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    samples = sorted(p.name for p in (repo / "samples").iterdir() if p.suffix in (".png", ".jpg", ".dcm"))
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(Path(x["source"]).name for x in recs) == samples
+    from cxrkit.models import load_model_package
+
+    labels = load_model_package("cxr29-demo").card.labels
+    for rec in recs:
+        assert rec["error"] is None and list(rec["findings"]) == list(labels), rec["source"]
+        assert all(0.0 <= f["score"] <= 1.0 for f in rec["findings"].values())
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == len(samples)
+    assert f"{len(samples)} images, 0 with errors, model cxr29-demo" in r.stderr
 
 
 def test_export(tmp_path):
