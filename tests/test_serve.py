@@ -320,3 +320,14 @@ def test_json_is_the_clis_jsonl_content(client, det, tmp_path):
     line.pop("source"), got.pop("source")
     assert got == line
     assert PROBE_LABELS[0] in got["findings"]
+
+
+def test_dicom_outputs_answer_501_where_cxrkit_dicom_is_missing(monkeypatch):
+    from cxrkit.serve import predict
+    from cxrkit.serve.http import HTTPProblem
+
+    assert predict._check_query({"dicom": "sr,gsps"}) == ("sr", "gsps")
+    monkeypatch.setattr(predict, "dicom_outputs_available", lambda: False)
+    with pytest.raises(HTTPProblem) as e:
+        predict._check_query({"dicom": "sr"})
+    assert e.value.status == 501 and "pip install 'cxrkit[dicom]'" in e.value.message

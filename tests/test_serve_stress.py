@@ -135,6 +135,14 @@ def test_client_disconnect_cancels_its_queued_image(tmp_path):
         assert _post(srv.url, _png(2)).status_code == 200
         assert _ran(gate) == [1, 1]  # the first and the last: the abandoned image never reached the model
         assert _metric(srv.url, "cxrkit_serve_errors_total", type="ClientDisconnected") == 1
+        # a client that goes away halfway through sending its body: nothing is queued, the drop is counted
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(data) + data[:100])
+        wait_until(lambda: _metric(srv.url, "cxrkit_serve_in_flight") >= 2, what="the upload to start")
+        s.close()
+        wait_until(lambda: _metric(srv.url, "cxrkit_serve_errors_total", type="ClientDisconnected") == 2,
+                   what="the server to notice the half-sent body")
+        assert _ran(gate) == [1, 1] and _queue_depth(srv.url) == 0
     finally:
         (gate / "open").touch()
         pool.shutdown(wait=True)
