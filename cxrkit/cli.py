@@ -1,4 +1,4 @@
-"""`cxrkit predict | info | bench | eval | export | quantize | build-engine | serve`."""
+"""`cxrkit predict | info | bench | eval | export | quantize | build-engine | serve | dicom-node`."""
 
 from __future__ import annotations
 
@@ -57,24 +57,31 @@ def _detector(a: argparse.Namespace, **kw):
 def cmd_predict(a: argparse.Namespace) -> int:
     from .io import iter_sources
     from .overlay import render_overlay
+    from .results import write_jsonl
 
     sources = list(iter_sources(a.inputs))
     if not sources:
         print(f"cxrkit predict: no image files found in {a.inputs}", file=sys.stderr)
         return 2
     det = _detector(a, boxes=a.boxes)
+    dicom_out = None
+    if a.dicom_out:  # `--dicom-out`: logic in cxrkit/dicom/cli.py
+        from .dicom.cli import DicomOutWriter
+
+        dicom_out = DicomOutWriter(a, det)
     out = open(a.out, "w") if a.out else sys.stdout
     prog = _Progress(len(sources), enabled=(sys.stderr.isatty() or a.progress) and len(sources) > 1)
     n_err = 0
     try:
         for pred in det.predict_iter(sources):
-            rec = pred.to_dict()
-            out.write(json.dumps(rec) + "\n")
+            write_jsonl((pred,), out)  # from the result columns (orjson when installed): json.dumps(pred.to_dict())
             if pred.error is not None:
                 n_err += 1
             elif a.overlay:
                 stem = Path(pred.source).stem
                 render_overlay(pred.source, pred, Path(a.overlay) / f"{pred.index:05d}_{stem}.png")
+            if dicom_out is not None and pred.error is None:
+                dicom_out.write(pred, sources[pred.index])
             prog.update()
     finally:
         prog.close()
@@ -83,6 +90,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
         det.close()
     print(f"cxrkit predict: {len(sources)} images, {n_err} with errors, model {det.model.name} "
           f"({det.backend_name}, {det.device.value}); not for clinical use", file=sys.stderr)
+    if dicom_out is not None:
+        print(f"cxrkit predict: {dicom_out.n_written} DICOM objects written to {a.dicom_out}"
+              f"{f', {dicom_out.n_failed} images without outputs' if dicom_out.n_failed else ''}", file=sys.stderr)
     return 0
 
 
@@ -167,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", help="folder for overlay PNGs of positive findings")
     p.add_argument("--boxes", default="positive", choices=["positive", "all"])
     p.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
+    from .dicom.cli import add_dicom_out_args  # `--dicom-out`: logic in cxrkit/dicom/cli.py
+
+    add_dicom_out_args(p)
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("info", help="versions, backends, devices, models")
@@ -233,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import add_parser as add_import_parser  # `cxrkit import-model`: logic in cxrkit/convert
 
     add_import_parser(sub)
+
+    from .dicom.cli import add_node_parser  # `cxrkit dicom-node`: logic in cxrkit/dicom/cli.py
+
+    add_node_parser(sub, _add_model_args)
     return ap
 
 

@@ -205,6 +205,8 @@ def make_sr(pred: Prediction, ref: Any, *, series_uid: str, sop_uid: str, series
         series_time=now.time(),
     )
     sr.ContentSequence = root.ContentSequence
-    out = FileDataset(None, {}, file_meta=sr.file_meta, preamble=b"\0" * 128)  # a plain Dataset: no stale
-    out.update(sr)                                                              # highdicom content view
+    # a plain Dataset (no stale highdicom content view), encoded as its file meta says
+    out = FileDataset(None, {}, file_meta=sr.file_meta, preamble=b"\0" * 128, is_implicit_VR=False,
+                      is_little_endian=True)
+    out.update(sr)
     return out

@@ -1,0 +1,171 @@
+"""Sending datasets to a destination AE by C-STORE (pynetdicom SCU), one thread per destination.
+
+A ``Forwarder`` keeps one association open while there is work (released after ``idle_release_s``
+without any), sends each job's datasets in order, and on a failure (association refused, aborted,
+no answer, failure status) re-associates and retries the dataset up to ``retries`` times with a
+growing pause. Each job ends in its callback with, per dataset, None (stored; a warning status
+is logged) or the ``DicomNetworkError`` that made it give up: nothing is dropped unreported.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from cxrkit.errors import DicomNetworkError
+
+__all__ = ["Destination", "Forwarder"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node to send outputs to: ``host``, ``port``, ``ae_title`` (the called AE title)."""
+
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, spec: "str | Destination") -> "Destination":
+        """'HOST:PORT:AE' (an IPv6 host may be written in brackets: '[::1]:104:PACS')."""
+        if isinstance(spec, Destination):
+            return spec
+        parts = str(spec).rsplit(":", 2)
+        if len(parts) != 3 or not parts[0] or not parts[2]:
+            raise ValueError(f"destination {spec!r}: expected HOST:PORT:AE_TITLE, e.g. pacs.example.org:104:PACS")
+        host, port, aet = parts[0].strip("[]"), parts[1], parts[2]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"destination {spec!r}: port {port!r} is not a TCP port number (1-65535)")
+        if len(aet) > 16 or not aet.strip() or "\\" in aet or not aet.isascii():
+            raise ValueError(f"destination {spec!r}: AE title {aet!r} must be 1-16 ASCII characters, no backslash")
+        return cls(host, int(port), aet)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+Job = tuple[Sequence[Any], Callable[[list["DicomNetworkError | None"]], None]]
+
+
+class Forwarder:
+    """C-STORE SCU for one destination, fed by ``submit`` from any thread."""
+
+    def __init__(self, dest: Destination, calling_ae: str, sop_classes: Sequence[str], *, retries: int = 3,
+                 retry_pause_s: float = 1.0, idle_release_s: float = 10.0, timeout_s: float = 60.0,
+                 max_pdu: int = 0) -> None:
+        from pynetdicom import AE
+        from pynetdicom.presentation import build_context
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        self.dest = dest
+        self.retries = int(retries)
+        self.retry_pause_s = float(retry_pause_s)
+        self.idle_release_s = float(idle_release_s)
+        self.ae = AE(ae_title=calling_ae)
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_s
+        self.ae.maximum_pdu_size = max_pdu
+        # one context per transfer syntax: the peer accepts each it can, and a dataset goes out in
+        # its own (Explicit VR Little Endian) encoding instead of being re-encoded on the way
+        self._contexts = [build_context(uid, ts) for uid in sop_classes
+                          for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._assoc: Any = None
+        self.sent = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name=f"cxrkit-forward-{dest}", daemon=True)
+        self._thread.start()
+
+    def submit(self, datasets: Sequence[Any], done: Callable[[list["DicomNetworkError | None"]], None]) -> None:
+        self._q.put((list(datasets), done))
+
+    def pending(self) -> int:
+        return self._q.qsize()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Send what is queued, release the association, stop the thread. False if it did not
+        stop within ``timeout``."""
+        self._q.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- worker --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._q.get(timeout=self.idle_release_s)
+            except queue.Empty:
+                self._release()
+                continue
+            if job is None:
+                self._release()
+                return
+            datasets, done = job
+            results = [self._send(ds) for ds in datasets]
+            try:
+                done(results)
+            except Exception:  # noqa: BLE001 - a callback bug must not stop the sender
+                log.exception("forwarding callback failed")
+
+    def _send(self, ds: Any) -> "DicomNetworkError | None":
+        err: DicomNetworkError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.retry_pause_s * attempt)
+            try:
+                assoc = self._association()
+                status = assoc.send_c_store(ds)
+            except DicomNetworkError as exc:
+                err = exc
+                self._release(abort=True)
+                continue
+            except Exception as exc:  # noqa: BLE001 - pynetdicom raises RuntimeError/ValueError/OSError...
+                err = DicomNetworkError(f"C-STORE of {ds.SOPInstanceUID} to {self.dest} failed: "
+                                        f"{type(exc).__name__}: {exc}")
+                self._release(abort=True)
+                continue
+            code = int(status.Status) if status is not None and "Status" in status else None
+            if code is None:  # no response: timeout or aborted association
+                err = DicomNetworkError(f"no C-STORE response from {self.dest} for {ds.SOPInstanceUID}")
+                self._release(abort=True)
+                continue
+            if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+                if code:
+                    log.warning("%s stored %s with warning status 0x%04X", self.dest, ds.SOPInstanceUID, code)
+                self.sent += 1
+                return None
+            comment = str(status.get("ErrorComment") or "")
+            err = DicomNetworkError(f"{self.dest} answered C-STORE of {ds.SOPInstanceUID} with failure status "
+                                    f"0x{code:04X}{': ' + comment if comment else ''}", status=code)
+            if 0xA700 <= code <= 0xA7FF:  # out of resources: worth another try later
+                continue
+            break  # a refusal of this dataset will not change on a retry
+        self.failed += 1
+        log.error("%s (gave up after %d attempt(s))", err, attempt + 1)
+        return err
+
+    def _association(self) -> Any:
+        if self._assoc is not None and self._assoc.is_established:
+            return self._assoc
+        self._assoc = None
+        assoc = self.ae.associate(self.dest.host, self.dest.port, contexts=self._contexts, ae_title=self.dest.ae_title)
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+            raise DicomNetworkError(f"association with {self.dest} {why} (check its host, port, AE title and "
+                                    "that it accepts our AE title and the SR/PR/SC storage SOP classes)")
+        self._assoc = assoc
+        return assoc
+
+    def _release(self, abort: bool = False) -> None:
+        assoc, self._assoc = self._assoc, None
+        if assoc is None or not assoc.is_established:
+            return
+        try:
+            assoc.abort() if abort else assoc.release()
+        except Exception:  # noqa: BLE001 - the peer may be gone already
+            log.debug("releasing the association with %s failed", self.dest, exc_info=True)
