@@ -21,7 +21,8 @@ SITE=/tmp/cxrkit-site
 SETUP="$OUT/setup.txt"; SUMMARY="$OUT/summary.txt"
 : > "$SETUP"; : > "$SUMMARY"
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-cap() { local l; l=$(( $(left) - ${2:-0} )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }  # min(cap, left - reserve)
+cap() {  # seconds for a step: min(cap, time left - reserve for later steps), at least 20
+  local l; l=$(( $(left) - ${2:-0} )); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 20 ] && l=20; echo "$l"; }
 step() { echo; echo "=== $* (t=$(( $(date +%s) - T0 ))s, $(left)s left)"; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -29,7 +30,7 @@ step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
   python3 -c "import sys, torch, cupy; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cupy', cupy.__version__, '|', torch.cuda.get_device_name(0))"
   nvcc --version | tail -1; } 2>&1 | tee -a "$SETUP"
-note "card: $(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>/dev/null | head -1)  date: $(date -u +%F)  commit: $(git rev-parse --short HEAD 2>/dev/null)"
+note "card: $(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>/dev/null | head -1)  date: $(date -u +%F)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo n/a)"
 
 step "install the carried wheels into $SITE"
 INSTALL=FAIL
@@ -69,7 +70,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
   RC=$?
   tail -30 "$OUT/pytest_gpu.txt"
   LINE=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped)' "$OUT/pytest_gpu.txt" | tail -1)
-  [ "$RC" = 124 ] && LINE="TIMED OUT after ${T}s: $(grep -cE 'PASSED|FAILED' "$OUT/pytest_gpu.txt") results so far"
+  [ "$RC" = 124 ] && LINE="TIMED OUT after ${T}s; ${LINE:-$(grep -oE '^[.sFEx]+' "$OUT/pytest_gpu.txt" | tr -d '\n' | wc -c) results so far}"
   note "tests:    rc=$RC  ${LINE:-no summary line (see pytest_gpu.txt)}"
   grep -E '^(FAILED|ERROR) ' "$OUT/pytest_gpu.txt" | head -15 | tee -a "$SUMMARY"
 fi
