@@ -232,15 +232,16 @@ def jpeg_header(data: bytes, *, source: str = "") -> tuple[tuple[int, int], dict
         (seg_len,) = struct.unpack_from(">H", data, pos)
         if seg_len < 2:
             raise DecodeError(source, f"corrupt JPEG: marker 0x{marker:02x} has invalid length {seg_len}")
-        seg = data[pos + 2 : pos + seg_len]
-        if marker == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:
-            adobe_transform = seg[11]
-        if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
-            exif_orientation = _exif_orientation(bytes(seg[6:]))
-        if marker in _SOF_PROCESS:
-            if len(seg) < 6:
+        # the segment is data[pos + 2 : pos + seg_len]; only APP14, APP1 and SOF are looked into
+        # (slicing every segment would copy ICC profiles and thumbnails for nothing)
+        if marker == 0xEE and data[pos + 2 : pos + 7] == b"Adobe" and min(seg_len, n - pos) >= 14:
+            adobe_transform = data[pos + 13]
+        elif marker == 0xE1 and seg_len >= 8 and data[pos + 2 : pos + 8] == b"Exif\x00\x00":
+            exif_orientation = _exif_orientation(bytes(data[pos + 8 : pos + seg_len]))
+        elif marker in _SOF_PROCESS:
+            if min(seg_len, n - pos) - 2 < 6:
                 break
-            precision, h, w, ncomp = struct.unpack_from(">BHHB", seg, 0)
+            precision, h, w, ncomp = struct.unpack_from(">BHHB", data, pos + 2)
             if h == 0:
                 raise UnsupportedFormatError(
                     source, "JPEG whose height is set by a DNL marker is not supported"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat as _stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from cxrkit.io.deadline import call_with_deadline
 from cxrkit.io.image import LoadedImage, header_value_range, luminance_u8
 from cxrkit.io.sniff import MAX_JPEG_SCANS, SNIFF_BYTES, jpeg_header, png_header, sniff
 
-__all__ = ["load_item", "iter_sources", "describe_item", "Item"]
+__all__ = ["load_item", "read_bytes", "iter_sources", "describe_item", "Item"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _is_dataset(item: Any) -> bool:
 
 
 def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_index: int = 0,
-              keep_j2k_frame: bool = False, strict: bool = False) -> LoadedImage:
+              keep_j2k_frame: bool = False, strict: bool = False, source: str | None = None) -> LoadedImage:
     """Read one input item; JPEG/PNG stay encoded (header parsed), DICOM and arrays are decoded.
 
     item: a path (str / os.PathLike), bytes-like file content, a numpy array (2-D uint8 / uint16 /
@@ -73,14 +74,19 @@ def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_i
     decoded; without ``strict`` it is read and each such finding is a warning (and a code in
     ``meta["header_issues"]``). See ``cxrkit.io.quality``. JPEG/PNG/arrays have no header to check.
 
+    ``source``: the item's label in the result and in errors (default ``describe_item(item, index)``),
+    e.g. the path of file content that was read with :func:`read_bytes`.
+
     A ``LoadedImage`` (what this function returned before) passes through as it is, with ``index``
-    set: a caller that needs the pixels too (the DICOM node renders them into its Secondary
-    Capture) reads an image once and hands that to the Detector. The options it was read with stay
-    its own.
+    (and ``source``, if given) set: a caller that needs the pixels too (the DICOM node renders them
+    into its Secondary Capture) reads an image once and hands that to the Detector. The options it
+    was read with stay its own.
     """
     if isinstance(item, LoadedImage):
-        return item if item.index == index else dataclasses.replace(item, index=index)
-    source = describe_item(item, index)
+        changes = {k: v for k, v in (("index", index), ("source", source)) if v is not None and getattr(item, k) != v}
+        return dataclasses.replace(item, **changes) if changes else item
+    if source is None:
+        source = describe_item(item, index)
     try:
         return _load(item, source, index, limits, (voi_window_index, keep_j2k_frame, strict))
     except InputError:
@@ -92,9 +98,19 @@ def load_item(item: Item, index: int, *, limits: Limits = Limits(), voi_window_i
         raise DecodeError(source, f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
+def read_bytes(path: "str | os.PathLike[str]", *, limits: Limits = Limits(), source: str | None = None) -> bytes:
+    """The content of the file at ``path``, with the checks and errors of ``load_item(path)``:
+    ``InputError`` for a missing, unreadable or directory path, ``ImageTooLargeError`` past
+    ``limits.max_file_bytes`` (checked before reading). One open, one fstat and, for a regular file,
+    one read of exactly its size (the GIL is released while the kernel copies). ``source`` labels
+    errors (default: the path)."""
+    p = os.fspath(path)
+    return _read_file(p, p if source is None else source, limits)
+
+
 def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, bool, bool]) -> LoadedImage:
     if isinstance(item, (str, os.PathLike)):
-        data = _read_file(Path(os.fspath(item)), source, limits)
+        data = _read_file(os.fspath(item), source, limits)
         return _load_bytes(data, source, index, limits, voi)
     if isinstance(item, (bytes, bytearray, memoryview)):
         _check_file_bytes(memoryview(item).nbytes, source, limits)  # before copying a large buffer
@@ -116,21 +132,46 @@ def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, b
     )
 
 
-def _read_file(path: Path, source: str, limits: Limits) -> bytes:
+_IS_DIRECTORY = "is a directory, not an image file (use cxrkit.io.iter_sources to expand it)"
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _read_file(path: "str | bytes", source: str, limits: Limits) -> bytes:
     try:
-        st = path.stat()
+        fd = os.open(path, _O_READ)
     except FileNotFoundError:
         raise InputError(source, "file not found") from None
-    except OSError as exc:
-        raise InputError(source, f"cannot access the file: {exc.strerror or exc}") from exc
-    if path.is_dir():
-        raise InputError(source, "is a directory, not an image file (use cxrkit.io.iter_sources to expand it)")
-    _check_file_bytes(st.st_size, source, limits)
-    try:
-        with open(path, "rb") as f:
-            return f.read(limits.max_file_bytes + 1)
-    except OSError as exc:
+    except OSError as exc:  # say what a stat says, as before: access, directory, or read
+        try:
+            st = os.stat(path)
+        except OSError as exc2:
+            raise InputError(source, f"cannot access the file: {exc2.strerror or exc2}") from exc2
+        if _stat.S_ISDIR(st.st_mode):
+            raise InputError(source, _IS_DIRECTORY) from None
+        _check_file_bytes(st.st_size, source, limits)
         raise InputError(source, f"cannot read the file: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if _stat.S_ISDIR(st.st_mode):
+            raise InputError(source, _IS_DIRECTORY)
+        _check_file_bytes(st.st_size, source, limits)
+        cap = limits.max_file_bytes + 1  # one byte past the limit tells a file that grew past it
+        try:
+            data = os.read(fd, min(st.st_size + 1, cap))  # a regular file: all of it in one read
+            if len(data) == st.st_size or not data:
+                return data
+            parts, n = [data], len(data)  # a short read, or a file that grew: read on to EOF or the cap
+            while n < cap:
+                more = os.read(fd, min(1 << 24, cap - n))
+                if not more:
+                    break
+                parts.append(more)
+                n += len(more)
+            return b"".join(parts)
+        except OSError as exc:
+            raise InputError(source, f"cannot read the file: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def _check_file_bytes(n_bytes: int, source: str, limits: Limits) -> None:
