@@ -10,13 +10,13 @@ Needs the ``ray`` extra (``pip install 'cxrkit[ray]'``); ``import cxrkit.ray`` w
 
 Each output row holds one input: ``index`` (its position when a list or folder was given, or the
 input dataset's ``index`` column; null otherwise), ``source``, ``ok``, ``error``
-(``"DecodeError: ..."`` or null) and ``prediction`` (``json.dumps(Prediction.to_dict())``). A bad
-input gives an error row; the job goes on. Rows come back in no fixed order: sort on ``index``.
+(``"DecodeError: ..."`` or null) and ``prediction`` (``Prediction.to_json()``, the content of
+``json.dumps(Prediction.to_dict())``). A bad input gives an error row; the job goes on. Rows come
+back in no fixed order: sort on ``index``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .batching import restamp
 from .errors import BackendError, BackendUnavailableError
-from .results import Prediction
+from .results import Prediction, dumps_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow
@@ -91,20 +91,24 @@ class DetectorActor:
             log.exception("batch of %d failed", n)
             err = BackendError(f"the detector failed on a batch of {n} inputs: {type(e).__name__}: {e}")
             preds = [Prediction(source=str(names[i] or f"<input #{i}>"), index=i, error=err) for i in range(n)]
-        rows: dict[str, list[Any]] = {c: [] for c in OUTPUT_COLUMNS}
+        sources: list[str] = []
+        errors: list[str | None] = []
+        docs: list[str] = []
         for pos, p in enumerate(preds):
             idx = indices[pos]
             p = restamp(p, pos, index=0 if idx is None else int(idx),
                         source=None if names[pos] is None else str(names[pos]))
-            d = p.to_dict()
+            sources.append(p.source)
+            errors.append(None if p.error is None else f"{type(p.error).__name__}: {p.error}")
             if idx is None:
+                d = p.to_dict()
                 d["index"] = None
-            rows["index"].append(idx)
-            rows["source"].append(p.source)
-            rows["ok"].append(p.error is None)
-            rows["error"].append(None if p.error is None else f"{type(p.error).__name__}: {p.error}")
-            rows["prediction"].append(json.dumps(d))
-        return pa.Table.from_pydict(rows, schema=_output_schema())
+                docs.append(dumps_json(d).decode())
+            else:
+                docs.append(p.to_json().decode())  # from the batch's result columns; json.dumps(to_dict()) content
+        cols = {"index": indices, "source": sources, "ok": [e is None for e in errors], "error": errors,
+                "prediction": docs}
+        return pa.Table.from_pydict(cols, schema=_output_schema())
 
 
 def _list_folder(folder: Path) -> list[str]:
