@@ -113,7 +113,7 @@ class Detector:
         self.preprocessor = Preprocessor(
             self.card.input_hw, self.card.mean, self.card.std,
             device=self.device.value, backend=preprocess, batch_size=self.batch_size,
-            num_threads=self.num_threads,
+            num_threads=self.num_threads, fit=self.card.fit,
             device_id=None if self.device is Device.CPU else _cuda_index(self.device_str),
             **(preprocess_options or {}),
         )

@@ -33,7 +33,10 @@ CARD_SCHEMA: dict[str, Any] = {
         "version": {"type": "string"},
         "arch": {"type": ["string", "null"]},
         "arch_kwargs": {"type": "object"},
-        "labels": {"type": "array", "items": {"type": "string"}, "minItems": 1, "uniqueItems": True},
+        # ontology keys (cxrkit.labels) or, for imported models, the source's own labels as snake_case keys
+        "labels": {"type": "array", "items": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                   "minItems": 1, "uniqueItems": True},
+        "label_names": {"type": "object", "additionalProperties": {"type": "string"}},  # key -> display name
         "input_size": {"type": "array", "items": {"type": "integer", "minimum": 16, "maximum": 4096},
                        "minItems": 2, "maxItems": 2},
         "normalization": {
@@ -41,6 +44,19 @@ CARD_SCHEMA: dict[str, Any] = {
             "properties": {"mean": {"type": "number"}, "std": {"type": "number", "exclusiveMinimum": 0}},
         },
         "heatmap_stride": {"type": "integer", "minimum": 1, "maximum": 64},
+        # the source model's input convention (imported models); absent: letterbox, 1 channel
+        "input": {
+            "type": "object",
+            "properties": {
+                "fit": {"enum": ["letterbox", "center_crop", "stretch"]},
+                "channels": {"type": "integer", "minimum": 1},  # gray replicated inside the graph
+                "channel_mean": {"type": "array", "items": {"type": "number"}},  # inside the graph
+                "channel_std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                "convention": {"type": "string"},
+            },
+        },
+        "heatmap": {"type": "object"},  # how heatmaps are made (e.g. {"kind": "cam", ...})
+        "source": {"type": "object"},  # what an imported model was converted from
         "thresholds": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}},
         "heatmap_thresholds": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}},
         "enabled": {"type": "object", "additionalProperties": {"type": "boolean"}},
@@ -95,11 +111,8 @@ def _validate(card: Mapping[str, Any], where: str) -> None:
             f"checked before the file is used. Add \"sha256\": {{\"{unhashed[0]}\": \"<the 64 hex digits "
             f"`sha256sum {unhashed[0]}` prints>\", ...}} (cxrkit quantize and cxrkit import-model write them)"
         )
-    labels = card["labels"]
-    unknown = [k for k in labels if k not in FINDINGS]
-    if unknown:
-        raise ModelCardError(f"{where}: labels {unknown} are not findings of cxrkit.labels")
-    for field in ("thresholds", "heatmap_thresholds", "enabled"):
+    labels = card["labels"]  # keys outside cxrkit.labels are allowed (imported models keep their own)
+    for field in ("thresholds", "heatmap_thresholds", "enabled", "label_names"):
         extra = set(card.get(field, {})) - set(labels)
         if extra:
             raise ModelCardError(f"{where}: {field} names findings not in labels: {sorted(extra)}")
@@ -153,6 +166,18 @@ class ModelCard:
     def heatmap_hw(self) -> tuple[int, int]:
         h, w = self.input_hw
         return h // self.heatmap_stride, w // self.heatmap_stride
+
+    @property
+    def fit(self) -> str:
+        """How an image is fitted to the input: "letterbox" (default), "center_crop" or "stretch"."""
+        return str(self.raw.get("input", {}).get("fit", "letterbox"))
+
+    def display_name(self, key: str) -> str:
+        """The card's name for label ``key``, else the ontology's display name, else the key."""
+        names = self.raw.get("label_names", {})
+        if key in names:
+            return str(names[key])
+        return FINDINGS[key].display_name if key in FINDINGS else key
 
     @property
     def mean(self) -> float:

@@ -27,7 +27,7 @@ __all__ = ["register_net", "create_net", "list_nets", "export_onnx", "load_weigh
 _F = TypeVar("_F", bound=Callable[..., Any])
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 # Modules whose import registers the built-in nets (imported on first use, not at import time).
-_BUILTIN_MODULES = ("probe", "cxrnet", "densenet")
+_BUILTIN_MODULES = ("probe", "cxrnet", "densenet", "cam")
 _builtins_loaded = False
 
 

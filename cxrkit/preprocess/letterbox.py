@@ -6,6 +6,13 @@ Conventions (written once, used by preprocessing and by the mapping of results b
 - It is placed at offset (top, left) = ((H - nh) // 2, (W - nw) // 2); the rest is padding.
 - The exact per-axis scales are sy = nh / h and sx = nw / w, so the resized image edges map
   exactly onto the source image edges: x_src = (x_dst - left) / sx.
+
+Other fits (a model card's ``input.fit``, for imported models whose own preprocessing is not a
+letterbox), with the same transform and the same mapping back:
+- "center_crop": scale = max(H / h, W / w) (the shorter side fills the input), the resized image
+  is centred and what overflows is cut: torchvision's Resize(S) + CenterCrop(S), torchxrayvision's
+  XRayCenterCrop + XRayResizer. The offset is negative: (top, left) = -round((nh - H) / 2), ...
+- "stretch": each axis scaled to fill the input, aspect ratio not kept (Resize((H, W))).
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LetterboxTransform", "letterbox_geometry"]
+__all__ = ["LetterboxTransform", "letterbox_geometry", "FITS"]
+
+FITS = ("letterbox", "center_crop", "stretch")
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,20 @@ class LetterboxTransform:
         }
 
 
-def letterbox_geometry(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> LetterboxTransform:
+def letterbox_geometry(src_hw: tuple[int, int], dst_hw: tuple[int, int], fit: str = "letterbox") -> LetterboxTransform:
     h, w = int(src_hw[0]), int(src_hw[1])
     H, W = int(dst_hw[0]), int(dst_hw[1])
     if h <= 0 or w <= 0:
         raise ValueError(f"source size must be positive, got {src_hw}")
+    if fit == "stretch":
+        return LetterboxTransform((h, w), (H, W), (H, W), (0, 0))
+    if fit == "center_crop":
+        scale = max(H / h, W / w)
+        nh, nw = max(H, int(round(h * scale))), max(W, int(round(w * scale)))
+        # torchvision's CenterCrop: crop_top = int(round((nh - H) / 2.0))
+        return LetterboxTransform((h, w), (H, W), (nh, nw), (-int(round((nh - H) / 2.0)), -int(round((nw - W) / 2.0))))
+    if fit != "letterbox":
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     scale = min(H / h, W / w)
     nh = min(H, max(1, int(round(h * scale))))
     nw = min(W, max(1, int(round(w * scale))))

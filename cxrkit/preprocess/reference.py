@@ -216,19 +216,22 @@ def preprocess_reference(
     src_hw: tuple[int, int] | None = None,
     extent_hw: tuple[float, float] | None = None,
     fast: bool = False,
+    fit: str = "letterbox",
 ) -> tuple[np.ndarray, LetterboxTransform]:
     """(h, w) gray pixels -> ((1, H, W) float32 normalised model input, its letterbox transform).
 
     ``src_hw`` / ``extent_hw``: for pixels that are a reduced decode of a larger image (a JPEG
     decoded at 1/k in the DCT domain): the original (h, w), which sets the letterbox geometry,
     and the part [0, eh) x [0, ew) of ``pixels`` that is image (h/k, w/k). ``fast``: resize with
-    the C++ kernel (the same function within float32 rounding) instead of the numpy reference."""
+    the C++ kernel (the same function within float32 rounding) instead of the numpy reference.
+    ``fit``: "letterbox" (the steps above), "center_crop" or "stretch" (see letterbox.py): step 3
+    then keeps the part of the resized image that falls inside (H, W)."""
     if pixels.ndim != 2:
         raise ValueError(f"pixels must be (h, w) gray, got shape {pixels.shape}")
     lo, hi = check_value_range(value_range)
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std}")
-    t = letterbox_geometry(pixels.shape if src_hw is None else src_hw, input_hw)
+    t = letterbox_geometry(pixels.shape if src_hw is None else src_hw, input_hw, fit)
     (nh, nw), (top, left) = t.resized_hw, t.offset_yx
     H, W = t.dst_hw
 
@@ -239,5 +242,7 @@ def preprocess_reference(
     resized = resize(src, (nh, nw), extent_hw)  # (nh, nw) float32, source units
     unit = (resized - np.float32(lo)) / np.float32(hi - lo)  # (nh, nw) in [0, 1]
     out = np.full((1, H, W), pad_value(mean, std), dtype=np.float32)  # (1, H, W)
-    out[0, top : top + nh, left : left + nw] = (unit - np.float32(mean)) / np.float32(std)
+    # the part of the resized image inside the canvas: all of it for a letterbox, a crop otherwise
+    y0, y1, x0, x1 = max(0, -top), min(nh, H - top), max(0, -left), min(nw, W - left)
+    out[0, top + y0 : top + y1, left + x0 : left + x1] = (unit[y0:y1, x0:x1] - np.float32(mean)) / np.float32(std)
     return out, t

@@ -69,7 +69,7 @@ def load_calibration(model: ModelPackage, data: Any, limit: int | None = None) -
                 f"reading calibration images needs cxrkit.io and cxrkit.preprocess ({e}); "
                 "pass a preprocessed (N, 1, H, W) float32 array instead") from e
         card = model.card
-        pre = Preprocessor(card.input_hw, card.mean, card.std, device="cpu", backend="auto",
+        pre = Preprocessor(card.input_hw, card.mean, card.std, device="cpu", backend="auto", fit=card.fit,
                            batch_size=16, num_threads=min(8, os.cpu_count() or 1))
         batches = []
         try:
