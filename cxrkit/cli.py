@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="percentile", choices=["percentile", "entropy", "minmax"])
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
     p.add_argument("--holdout", nargs="*", default=[], help="held-out images for the accuracy guard "
-                   "(default: every 4th calibration image)")
+                   "(default: every 4th calibration image); it cannot pass on too few: >= 100 without --labels, "
+                   "else >= 10 positives and negatives per enabled finding")
     p.add_argument("--labels", help="(N_holdout, K) 0/1 .npy: guard on per-finding AUROC instead of agreement")
     p.add_argument("--keep-fp32", nargs="*", default=[], help="node names, globs, op types, :first, :last")
     p.add_argument("--auto-keep-fp32", type=int, default=0, metavar="N",

@@ -507,3 +507,93 @@ def test_cpu_form_concat_shares_one_scale_and_ort_fuses_everything(tmp_path):
     ref, low = _run(path, hold), _run(tmp_path / "u8.onnx", hold)
     assert np.abs(_sig(ref[0]) - _sig(low[0])).max() < 0.05
     assert np.abs(ref[1] - low[1]).max() < 0.5 * np.abs(ref[1]).max()
+
+
+# -- the guard's minimum sample size; `cxrkit quantize` end to end; auto_keep_fp32 ---------------
+
+def test_guard_cannot_pass_on_too_few_images(pkg_dir, holdout):
+    """Agreement on 5 images, or AUROC with 3 positives, proves nothing: not passed, and says why."""
+    from cxrkit.quant.guard import compare, enforce, min_images_for_agreement, min_pairs_for_auroc
+
+    pkg = load_model_package(pkg_dir)
+    ref = _run(pkg_dir / "model.onnx", holdout)
+    assert min_images_for_agreement(0.99) == 100 and min_images_for_agreement(0.97) == 34
+    assert min_pairs_for_auroc(0.005) == 1000
+    small = tuple(a[:5] for a in ref)
+    rep = compare(pkg, small, small, "int8")  # identical outputs: agreement 1.0 everywhere, still not judged
+    assert not rep.passed and not rep.failed_findings and rep.min_images == 100
+    assert set(rep.insufficient) == set(LABELS) and "5 held-out images" in rep.insufficient["mass"]
+    with pytest.raises(AccuracyGuardError, match=r"cannot be judged on 5 held-out images.*needs >= 100"):
+        enforce(rep)
+    assert enforce(rep, allow_accuracy_drop=True).overridden
+    assert compare(pkg, tuple(a[:100] for a in ref), tuple(a[:100] for a in ref), "int8").passed  # 100 suffice
+    labels = np.zeros((300, 3), np.uint8)
+    labels[:3, 0] = 1  # nodule: 3 positives
+    labels[::2, 1] = labels[::3, 2] = 1
+    rep = compare(pkg, ref, ref, "int8", labels)
+    assert list(rep.insufficient) == ["nodule"] and "3 positive / 297 negative" in rep.insufficient["nodule"]
+    assert rep.per_finding["mass"]["n_pos"] == 150 and not rep.passed
+
+
+def _write_pngs(folder: Path, x: np.ndarray) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, a in enumerate(x):
+        p = folder / f"{i:04d}.png"
+        Image.fromarray(np.clip((a[0] * 0.25 + 0.5) * 255 + 0.5, 0, 255).astype(np.uint8)).save(p)
+        out.append(str(p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_files(calib, holdout, tmp_path_factory):
+    """The calibration and held-out sets as 8-bit PNG files, and the held-out labels as .npy."""
+    root = tmp_path_factory.mktemp("files")
+    np.save(root / "labels.npy", _images_and_labels(300, 2)[1].astype(np.uint8))
+    return _write_pngs(root / "calib", calib), _write_pngs(root / "holdout", holdout), str(root / "labels.npy")
+
+
+def test_quantize_cli_default_holdout_too_small_is_refused_and_said(pkg_dir, image_files, tmp_path, capsys):
+    """`cxrkit quantize` on 8 images: the default holdout (every 4th) is 2 images; the guard says it
+    cannot judge on so few instead of passing, nothing is written; --allow-accuracy-drop keeps it
+    marked as not judged."""
+    from cxrkit.cli import main
+
+    calib_files = image_files[0][:8]
+    out = tmp_path / "q"
+    assert main(["quantize", str(pkg_dir), "--calib", *calib_files, "--out", str(out), "--precisions", "int8"]) == 1
+    err = capsys.readouterr().err
+    assert "AccuracyGuardError" in err and "cannot be judged on 2 held-out images" in err and "needs >= 100" in err
+    assert "onnx_int8" not in json.loads((out / "card.json").read_text())["files"]
+    assert main(["quantize", str(pkg_dir), "--calib", *calib_files, "--out", str(out), "--precisions", "int8",
+                 "--allow-accuracy-drop"]) == 0
+    assert "NOT JUDGED, too few held-out images" in capsys.readouterr().out
+    card = json.loads((out / "card.json").read_text())
+    assert card["quantization"]["onnx_int8"]["overridden"] is True and card["quantization"]["onnx_int8"]["passed"] is False
+    side = json.loads((out / "model.int8.onnx.json").read_text())
+    assert side["n_images"] == 2 and set(side["insufficient"]) == set(LABELS)
+
+
+def test_quantize_cli_auto_keep_fp32_fixes_a_sensitive_layer(pkg_dir, image_files, tmp_path, capsys, monkeypatch):
+    """The head's input range broken (x1e-3): int8 fails the labelled guard; `--auto-keep-fp32 3`
+    finds the head as the most sensitive layer, keeps it in fp32, and passes (files on disk)."""
+    import cxrkit.quant as q
+    from cxrkit.cli import main
+
+    real = q.collect_ranges
+    monkeypatch.setattr(q, "collect_ranges", lambda *a, **k: {
+        t: (v * 1e-3 if t == "/Relu_1_output_0" else v) for t, v in real(*a, **k).items()})
+    calib_files, hold_files, labels = image_files
+    args = ["quantize", str(pkg_dir), "--calib", *calib_files, "--holdout", *hold_files, "--labels", labels,
+            "--precisions", "int8"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 1
+    assert "AUROC drop > 0.005" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--auto-keep-fp32", "3"]) == 0
+    assert capsys.readouterr().out.count("passed") == 2
+    for name in ("model.int8.onnx.json", "model.int8-cpu.onnx.json"):
+        side = json.loads((tmp_path / "b" / name).read_text())
+        assert side["passed"] and not side["overridden"] and side["labels_given"] and side["n_images"] == 300
+        assert side["settings"]["kept_fp32_layers"] == ["/head/Conv"]
+        assert side["settings"]["sensitivity"][0][0] == "/head/Conv"

@@ -227,7 +227,7 @@ def quantize(model: "ModelPackage | str | Path", calib: Any, *, out: "str | Path
         for form in ("tensorrt", "cpu"):
             keep = list(keep_fp32)
             g8, plan, rep = build(form, keep)
-            if not rep.passed and auto_keep_fp32 > 0:
+            if not rep.passed and rep.failed_findings and auto_keep_fp32 > 0:  # fp32 layers cannot fix a small holdout
                 if not sensitivity:
                     sensitivity = layer_sensitivity(prep, x[:16], ranges_for, keep_fp32, batch_size, weight_bits)
                 for name, err in sensitivity[:auto_keep_fp32]:
@@ -285,7 +285,9 @@ def main(args: argparse.Namespace) -> int:
         weight_bits=getattr(args, "weight_bits", 7),
     )
     for prec, rep in res.reports.items():
-        status = "passed" if rep.passed else "FAILED (kept: --allow-accuracy-drop)"
+        status = ("passed" if rep.passed else
+                  f"NOT JUDGED, too few held-out images for {len(rep.insufficient)} finding(s) (kept: --allow-accuracy-drop)"
+                  if rep.insufficient and not rep.failed_findings else "FAILED (kept: --allow-accuracy-drop)")
         print(f"{prec}: {status}; max |score diff| {rep.max_abs_score_diff:.4g} on {rep.n_images} held-out images")
     for p in (res.fp16_path, res.int8_path, res.int8_cpu_path):
         if p is not None:
