@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _OOM_MARKERS = (
     "out of memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory", "cuda allocation failed",
     "alloc_failed", "allocator_failure", "bad_alloc", "failed to allocate",
+    "can't allocate memory", "cannot allocate memory",  # torch's CPU allocator (ENOMEM)
 )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import Device, Precision
 from ..errors import BackendError, BackendUnavailableError
-from .base import Runner
+from .base import Runner, as_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,10 @@ class OnnxRuntimeRunner(Runner):
         x = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))  # (B, 1, H, W)
         try:
             logits, heatmaps = self._sess.run(["logits", "heatmaps"], {self._input: x})
-        except Exception as e:
+        except Exception as e:  # an allocation failure (the CPU arena's "Failed to allocate memory") is OOM
+            oom = as_out_of_memory(e, f"onnxruntime, batch of {x.shape[0]}")
+            if oom is not None:
+                raise oom from e
             raise BackendError(f"onnxruntime failed on a batch of shape {x.shape}: {e}") from e
         return {"logits": logits.astype(np.float32, copy=False), "heatmaps": heatmaps}
 

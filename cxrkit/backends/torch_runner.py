@@ -138,8 +138,14 @@ class TorchRunner(Runner):
         torch = self._torch
         if self.device is Device.CPU:
             x = torch.from_numpy(np.ascontiguousarray(np.asarray(batch, np.float32))).to(self._dtype)
-            with torch.inference_mode():
-                lg, hm = self._net(x)
+            try:
+                with torch.inference_mode():
+                    lg, hm = self._net(x)
+            except Exception as e:  # the CPU allocator's ENOMEM is an out-of-memory like CUDA's
+                oom = as_out_of_memory(e, f"torch CPU, batch of {int(x.shape[0])}")
+                if oom is not None:
+                    raise oom from e
+                raise
             return {"logits": lg.float().numpy(), "heatmaps": hm.float().numpy()}
         n = int(batch.shape[0])
         try:
