@@ -19,9 +19,11 @@ milliseconds the request waited before its batch started; the other timings are 
 shared out per image as Detector does).
 
 Errors: a bad item resolves its own future with a Prediction whose ``error`` is set (the other
-requests of its batch are unaffected). If the detector raises for a whole batch, every future of
-that batch gets a ``BatchFailedError`` (a ``BackendError``) whose ``__cause__`` is the original
-exception. A full queue raises ``QueueFullError`` at ``submit`` (or waits, with ``block=True``).
+requests of its batch are unaffected). A failure of a whole batch is a ``BatchFailedError`` (a
+``BackendError``) whose ``__cause__`` is the original exception, one per request: as the future's
+exception when the detector raises, and as each Prediction's ``error`` when a cxrkit Detector's
+inference or post-processing fails (the Detector reports that per item and does not raise). A full
+queue raises ``QueueFullError`` at ``submit`` (or waits, with ``block=True``).
 """
 
 from __future__ import annotations
