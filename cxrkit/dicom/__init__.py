@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["make_outputs", "DicomOutputs", "StudyInfo", "DicomNode", "NodeConfig", "OUTPUT_KINDS", "Destination"]
+__all__ = ["make_outputs", "DicomOutputs", "StudyInfo", "DicomNode", "ShutdownReport", "OUTPUT_KINDS", "Destination"]
 
 _LAZY = {
     "make_outputs": "cxrkit.dicom.outputs",
@@ -25,7 +25,7 @@ _LAZY = {
     "OUTPUT_KINDS": "cxrkit.dicom.outputs",
     "StudyInfo": "cxrkit.dicom.source",
     "DicomNode": "cxrkit.dicom.node",
-    "NodeConfig": "cxrkit.dicom.node",
+    "ShutdownReport": "cxrkit.dicom.node",
     "Destination": "cxrkit.dicom.node",
 }
 

@@ -196,16 +196,19 @@ class DicomNode:
             self._accepting = False
             server, self._server = self._server, None
         if server is not None:
-            server.shutdown()  # no new associations; open ones finish their exchanges
-            while server.active_associations and (left() is None or left() > 0):
+            server.shutdown()  # no new associations; open ones finish the exchange under way
+            grace = time.monotonic() + min(5.0, left() if left() is not None else 5.0)
+            while server.active_associations and time.monotonic() < grace:
                 time.sleep(0.05)
-            for assoc in server.active_associations:
+            for assoc in server.active_associations:  # a peer that keeps an idle association open
                 assoc.abort()
         if drain:
             self.wait_idle(timeout=left())
         unfinished = self.journal.close_open(DetectorClosedError(
             "the DICOM node stopped before this instance was finished; send it again"))
-        self._workers.shutdown(wait=drain, cancel_futures=not drain)
+        # with work left (a stuck detector, a timeout) nobody waits for the workers: they end as
+        # the BatchingDetector below fails what is queued; what they finish late is not journaled twice
+        self._workers.shutdown(wait=drain and not unfinished, cancel_futures=True)
         pending = 0
         for fw in self._forwarders:
             pending += fw.pending()
@@ -258,6 +261,8 @@ class DicomNode:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
+            for _ in ds.iterall():  # pydicom parses lazily: make every element decode now, not in a worker
+                pass
         except Exception as exc:  # noqa: BLE001 - a malformed data set is the peer's, answer it
             return self._reject(entry, CANNOT_UNDERSTAND, DecodeError(
                 uid, f"the data set cannot be decoded ({type(exc).__name__}: {exc})"))
@@ -305,7 +310,7 @@ class DicomNode:
         self.journal.finish(entry, "rejected", error=err, dimse_status=status)
         rsp = Dataset()
         rsp.Status = status
-        rsp.ErrorComment = str(err)[:64]
+        rsp.ErrorComment = " ".join(str(getattr(err, "message", None) or err).split())[:64]  # LO
         return rsp
 
     # -- work (worker threads) -----------------------------------------------------------------
@@ -334,8 +339,10 @@ class DicomNode:
         source = f"{entry.sop_instance_uid} from {entry.calling_ae}"
         try:
             img = load_item(ds, 0, limits=self.limits or Limits(), strict=self.strict)
-        except UnsuitableImageError as exc:
-            self.journal.finish(entry, "refused", error=exc)
+        except InputError as exc:  # named after the instance and its sender, not '<Dataset 1.2... #0>'
+            named = type(exc)(source, exc.message)
+            named.__cause__ = exc
+            self.journal.finish(entry, "refused" if isinstance(exc, UnsuitableImageError) else "failed", error=named)
             return False
         img = dataclasses.replace(img, source=source)
         pred = self._bd.submit(img, block=True).result()
