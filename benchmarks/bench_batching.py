@@ -230,12 +230,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preprocess", default="auto", help="Detector preprocess backend: auto | dali | numpy")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per mode; medians are reported")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--report", metavar="NAME", help="also write benchmarks/reports/NAME.json (date, machine, code)")
     a = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from run_report import now_utc, write_report
+
+    started = now_utc()
     report = run(a.model, a.clients, a.requests, a.size, 16, a.max_batch, a.max_delay_ms, a.device, a.backend,
                  a.repeats, a.preprocess)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
+    if a.report:
+        ratios = {}
+        for c in sorted({r["clients"] for r in report["results"]}):
+            d = next(r for r in report["results"] if r["clients"] == c and r["mode"] == "direct")
+            b = next(r for r in report["results"] if r["clients"] == c and r["mode"] == "batching")
+            ratios[str(c)] = round(b["images_per_s"] / d["images_per_s"], 3)
+        print(f"report: {write_report(a.report, {'throughput_ratio_batching_over_direct_by_clients': ratios, **report}, started)}")
     return 0
 
 
