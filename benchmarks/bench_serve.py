@@ -230,6 +230,54 @@ def run_locust(port: int, spec_path: str, clients: int, requests: int, max_secon
     return got["records"], delta, srv_cpu, got["cpu_s"]
 
 
+def run_inprocess_level(det: Any, a: argparse.Namespace, payloads: Sequence[bytes], sched: Sequence[int], c: int,
+                        n: int, exp_dicts: Sequence[dict], exp_status: Sequence[int]) -> Run:
+    with BatchingDetector(det, max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue) as bd:
+        run_inprocess(bd, payloads, sched, c, min(n, 4 * c))  # warm-up
+        s0, cpu0 = bd.stats(), time.process_time()
+        rec = run_inprocess(bd, payloads, sched, c, n)
+        cpu = time.process_time() - cpu0
+        s1 = bd.stats()
+    stages = _stage_means([x[5] for x in rec])
+    r = summarize("in-process", c, n, rec, exp_dicts, exp_status)
+    r.stages_ms = stages
+    r.mean_batch = (s1["requests"] - s0["requests"]) / max(1, s1["batches"] - s0["batches"])
+    r.cpu_ms_per_req = {"process": 1e3 * cpu / n}
+    return r
+
+
+def run_service_level(port: int, spec: str, a: argparse.Namespace, c: int, n: int, server_pid: int, work: str,
+                      exp_dicts: Sequence[dict], exp_status: Sequence[int]) -> Run:
+    rec, delta, srv_cpu, gen_cpu = run_locust(port, spec, c, n, a.max_seconds, server_pid, work)
+    r = summarize("service", c, n, rec, exp_dicts, exp_status)
+    r.mean_batch = delta.get("cxrkit_batch_size_sum", 0.0) / max(1.0, delta.get("cxrkit_batch_size_count", 0.0))
+    r.stages_ms = {k.split(":")[1]: 1e3 * v / max(1.0, delta.get(k.replace("_sum", "_count"), 0.0))
+                   for k, v in delta.items() if k.startswith("cxrkit_stage_seconds_sum")}
+    r.cpu_ms_per_req = {"server": 1e3 * srv_cpu / n, "locust": 1e3 * gen_cpu / n}
+    return r
+
+
+def summarize_level(runs: Sequence[Run]) -> dict[str, Any]:
+    """Medians over the repeats of one client level; ratios pair the k-th service run with the k-th in-process run."""
+    ins = [r for r in runs if r.mode == "in-process"]
+    svc = [r for r in runs if r.mode == "service"]
+    ratios = [s.img_per_s / i.img_per_s for s, i in zip(svc, ins)]
+    statuses: dict[str, int] = {}
+    for r in svc:
+        for k, v in r.statuses.items():
+            statuses[k] = statuses.get(k, 0) + v
+
+    def med(xs: Sequence[float]) -> float:
+        return float(np.median(xs))
+
+    return {"clients": runs[0].clients, "inproc": med([r.img_per_s for r in ins]),
+            "service": med([r.img_per_s for r in svc]), "ratio": med(ratios), "ratios": ratios,
+            "p50": med([r.p50_ms for r in svc]), "p95": med([r.p95_ms for r in svc]), "p99": med([r.p99_ms for r in svc]),
+            "p99_over_p50": med([r.p99_ms / r.p50_ms for r in svc]), "statuses": dict(sorted(statuses.items())),
+            "lost": sum(r.lost for r in runs), "mismatched": sum(r.mismatched for r in runs),
+            "wrong": sum(r.wrong_status for r in runs)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -282,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-delay-ms", type=float, default=5.0)
     ap.add_argument("--max-queue", type=int, default=256)
-    ap.add_argument("--max-seconds", type=int, default=120, help="locust -t bound per level")
+    ap.add_argument("--max-seconds", type=int, default=120, help="locust -t bound per run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each mode per client level, alternating which goes first; medians reported")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     a = ap.parse_args(argv)
@@ -312,52 +362,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = free_port()
     server = start_server(a.model, port, a.max_batch, a.max_delay_ms, a.max_queue, os.path.join(work, "server.log"))
     runs: list[Run] = []
+    levels: list[dict[str, Any]] = []
     try:
         for j, (c, n) in enumerate(zip(a.clients, reqs)):
-            order = ("in-process", "service") if j % 2 == 0 else ("service", "in-process")
-            for mode in order:
-                if mode == "in-process":
-                    with BatchingDetector(det, max_batch=a.max_batch, max_delay_ms=a.max_delay_ms,
-                                          max_queue=a.max_queue) as bd:
-                        run_inprocess(bd, payloads, sched, c, min(n, 4 * c))  # warm-up
-                        s0, cpu0 = bd.stats(), time.process_time()
-                        rec = run_inprocess(bd, payloads, sched, c, n)
-                        cpu = time.process_time() - cpu0
-                        s1 = bd.stats()
-                    stages = _stage_means([x[5] for x in rec])
-                    r = summarize(mode, c, n, rec, exp_dicts, exp_status)
-                    r.stages_ms = stages
-                    r.mean_batch = (s1["requests"] - s0["requests"]) / max(1, s1["batches"] - s0["batches"])
-                    r.cpu_ms_per_req = {"process": 1e3 * cpu / n}
-                else:
-                    rec, delta, srv_cpu, gen_cpu = run_locust(port, spec, c, n, a.max_seconds, server.pid, work)
-                    r = summarize(mode, c, n, rec, exp_dicts, exp_status)
-                    r.mean_batch = delta.get("cxrkit_batch_size_sum", 0.0) / max(1.0, delta.get("cxrkit_batch_size_count", 0.0))
-                    r.stages_ms = {k.split(":")[1]: 1e3 * v / max(1.0, delta.get(k.replace("_sum", "_count"), 0.0))
-                                   for k, v in delta.items() if k.startswith("cxrkit_stage_seconds_sum")}
-                    r.cpu_ms_per_req = {"server": 1e3 * srv_cpu / n, "locust": 1e3 * gen_cpu / n}
-                runs.append(r)
-                print(fmt_row(r), flush=True)
-            ins = next(x for x in runs if x.mode == "in-process" and x.clients == c)
-            svc = next(x for x in runs if x.mode == "service" and x.clients == c)
-            print(f"  clients={c}: service/in-process throughput {svc.img_per_s / ins.img_per_s:.2f}x; service p99/p50 "
-                  f"{svc.p99_ms / svc.p50_ms:.2f}; server stages ms/image "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in svc.stages_ms.items()) + "; in-process "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in ins.stages_ms.items()), flush=True)
+            for rep in range(a.repeats):
+                order = ("in-process", "service") if (j + rep) % 2 == 0 else ("service", "in-process")
+                for mode in order:
+                    r = (run_inprocess_level(det, a, payloads, sched, c, n, exp_dicts, exp_status) if mode == "in-process"
+                         else run_service_level(port, spec, a, c, n, server.pid, work, exp_dicts, exp_status))
+                    runs.append(r)
+                    print(fmt_row(r), flush=True)
+            level = summarize_level([x for x in runs if x.clients == c])
+            levels.append(level)
+            svc = [x for x in runs if x.mode == "service" and x.clients == c]
+            print(f"  clients={c}: service/in-process throughput {level['ratio']:.2f}x (median of "
+                  f"{', '.join(f'{x:.2f}' for x in level['ratios'])}); service p99/p50 {level['p99_over_p50']:.2f}; "
+                  "server stages ms/image " + ", ".join(f"{k} {v:.2f}" for k, v in svc[-1].stages_ms.items()), flush=True)
     finally:
         rc = stop_server(server)
         det.close()
     print(f"  server exit code after SIGTERM: {rc}; loadavg(1m) at end {os.getloadavg()[0]:.2f}; "
           f"finished {time.strftime('%H:%M:%S UTC', time.gmtime())}")
     if a.markdown:
+        print("\n| clients | in-process img/s | service img/s | service / in-process | service p50 / p95 / p99 ms | "
+              "p99 / p50 | service statuses (all runs) | lost / mismatched / wrong status |")
+        print("|---|---|---|---|---|---|---|---|")
+        for lv in levels:
+            st = ", ".join(f"{k}: {v}" for k, v in lv["statuses"].items())
+            print(f"| {lv['clients']} | {lv['inproc']:.1f} | {lv['service']:.1f} | {lv['ratio']:.2f} "
+                  f"({', '.join(f'{x:.2f}' for x in lv['ratios'])}) | {lv['p50']:.0f} / {lv['p95']:.0f} / {lv['p99']:.0f} | "
+                  f"{lv['p99_over_p50']:.2f} | {st} | {lv['lost']} / {lv['mismatched']} / {lv['wrong']} |")
         print("\n| mode | clients | requests | img/s (steady) | p50 ms | p95 ms | p99 ms | statuses | lost / "
               "mismatched / wrong status | mean batch | CPU ms per request |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in runs:
             print(fmt_row(r))
     if a.json:
-        Path(a.json).write_text(json.dumps({"date": t_start, "loadavg_start": load0, "runs": [asdict(r) for r in runs]},
-                                           indent=1))
+        Path(a.json).write_text(json.dumps({"date": t_start, "loadavg_start": load0, "levels": levels,
+                                            "runs": [asdict(r) for r in runs]}, indent=1))
     failed = sum(r.lost + r.mismatched + r.wrong_status for r in runs)
     return 1 if failed else 0
 
