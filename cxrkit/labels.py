@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Literal, Mapping
 
 __all__ = ["FindingDef", "FINDINGS", "FINDING_KEYS", "get_finding", "NIH14_TO_FINDING", "nih14_key",
-           "XRV_TO_FINDING", "source_label_key"]
+           "XRV_TO_FINDING", "source_label_key", "display_name"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,10 @@ def source_label_key(name: str) -> str:
     if key[0].isdigit():
         key = "l_" + key
     return key
+
+
+def display_name(key: str) -> str:
+    """The ontology's display name of ``key``, or for a label outside it (an imported model's own)
+    the key in words: ``"lung_lesion"`` -> ``"Lung lesion"``."""
+    d = FINDINGS.get(key)
+    return d.display_name if d is not None else key.replace("_", " ").strip().capitalize()

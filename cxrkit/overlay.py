@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import FINDINGS
+from .labels import display_name
 from .results import Prediction
 
 __all__ = ["render_overlay", "display_pixels"]
@@ -42,7 +42,7 @@ def render_overlay(item, pred: Prediction, out_path: "str | Path", max_side: int
         if not f.positive:
             continue
         color = _COLORS[i % len(_COLORS)]
-        name = FINDINGS[key].display_name
+        name = display_name(key)  # labels outside the ontology (imported models) too
         draw.text((6, y_text), f"{name} {f.score:.2f}", fill=color)
         y_text += 14
         for (x0, y0, x1, y1), (px, py), s in zip(f.boxes_xyxy * scale, f.points_xy * scale, f.box_scores):

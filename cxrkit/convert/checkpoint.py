@@ -41,7 +41,7 @@ _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 # containers that hold the state dict in training checkpoints, tried in this order
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
 # pre-0.4 torchvision DenseNet keys: denselayerN.norm.1.weight -> denselayerN.norm1.weight
-_OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 _HOW_TO_EXPORT = ("export a plain state_dict where the model's code is installed: "
                   "`torch.save(model.state_dict(), 'weights.pth')` (or safetensors.torch.save_file)")
 
