@@ -61,6 +61,7 @@ NOT_ON_GPU_MACHINE = {
     "tensorrt": "TensorRT comes only from NVIDIA's own index (GPU.md); trt tests skip",
     "onnxruntime": "the CPU runner; on CUDA the torch runner is used (auto falls through)",
     "imagecodecs": "cxrkit[fast] J2K CPU decode; the GPU decodes J2K with nvJPEG2000, pydicom's plugins otherwise",
+    "pyarrow": "Parquet output (cxrkit.ray, model conversion); the tests that need it importorskip it",
 }
 
 # Import name -> the project the README's recipe downloads for it (tests keep the two in step).

@@ -10,7 +10,8 @@
 # Steps (each with its own time limit inside one overall DEADLINE, default 540 s, so the whole call
 # fits the device tool's 600 s): install, build cxrkit._C, GPU tests (pytest -m gpu), kernel
 # benchmark, end-to-end benchmark, then a summary table. Logs go to $OUT (at most 7 files).
-#   STAGE=all (default) | tests | kernels | e2e   run only that step after install + build
+#   STAGE=all (default) | tests | kernels | e2e   run only that step after install + build;
+#   STAGE=batching: bench_batching.py on CUDA (not in "all": it does not fit the same call)
 #   PYTEST_ARGS="tests/test_kernels_cuda.py"      narrow the tests;  E2E_ARGS="--batches 64"
 set -u
 T0=$(date +%s)
@@ -93,6 +94,15 @@ if [ "$STAGE" = all ] || [ "$STAGE" = e2e ]; then
   tail -16 "$OUT/bench_e2e.txt"
   note "e2e:      rc=$RC$([ "$RC" = 124 ] && echo " TIMED OUT after ${T}s")"
   sed -n '/^== end to end/,$p' "$OUT/bench_e2e.txt" | tee -a "$SUMMARY"
+fi
+
+if [ "$STAGE" = batching ]; then  # only when asked: BatchingDetector vs direct calls at 1/8/64 clients
+  step "micro-batching benchmark"
+  timeout -k 5 "$(cap 400 10)" python3 benchmarks/bench_batching.py --device cuda --model cxr29-demo \
+    --json "$OUT/batching.json" ${BATCHING_ARGS:-} > "$OUT/bench_batching.txt" 2>&1
+  RC=$?
+  tail -16 "$OUT/bench_batching.txt" | tee -a "$SUMMARY"
+  note "batching: rc=$RC"
 fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
