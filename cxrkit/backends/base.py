@@ -120,6 +120,10 @@ class Runner(abc.ABC):
         runs in (the smallest bucket >= the size), so that ``infer`` never captures later. Call it
         once, before other threads use the GPU (the Detector calls it at construction). Other
         runners: a no-op. Raises OutOfMemoryError when a capture does not fit.
+
+        A Detector with ``batch_size=B`` passes ``range(1, B + 1)``: every bucket up to B (a tail
+        batch and every halved batch after an out-of-memory retry then find their graph; the
+        buckets share one memory pool, so this costs about the memory of the largest alone).
         """
         sizes = sorted({int(b) for b in batch_sizes})
         if any(b < 1 for b in sizes):
