@@ -123,7 +123,8 @@ class Runner(abc.ABC):
 
         A Detector with ``batch_size=B`` passes ``range(1, B + 1)``: every bucket up to B (a tail
         batch and every halved batch after an out-of-memory retry then find their graph; the
-        buckets share one memory pool, so this costs about the memory of the largest alone).
+        buckets share one memory pool and are captured largest first, so the smaller ones mostly reuse
+        the largest one's freed memory; their static outputs add up).
         """
         sizes = sorted({int(b) for b in batch_sizes})
         if any(b < 1 for b in sizes):

@@ -83,7 +83,9 @@ class TorchRunner(Runner):
     def _prepare_impl(self, batch_sizes: list[int]) -> None:
         if self.device is not Device.CUDA or not self._use_graphs:
             return
-        for b in sorted({self.bucket_for(n) for n in batch_sizes} - {None}):
+        # largest first: the smaller captures then carve their memory out of the blocks the larger
+        # one freed in the shared pool, instead of adding segments
+        for b in sorted({self.bucket_for(n) for n in batch_sizes} - {None}, reverse=True):
             self._capture(b, lazy=False)
 
     def _capture(self, bucket: int, lazy: bool):
