@@ -144,7 +144,8 @@ def summarize(mode: str, clients: int, requests: int, records: Sequence[tuple], 
             mismatched += 1
     lost = requests - len(records) + statuses.get("0", 0)
     pct = np.percentile(lat, [50, 95, 99]) if len(lat) else [float("nan")] * 3
-    return Run(mode, clients, requests, rate, float(pct[0]), float(pct[1]), float(pct[2]), dict(sorted(statuses.items())),
+    return Run(mode, clients, requests, rate, float(pct[0]), float(pct[1]), float(pct[2]),
+               dict(sorted(statuses.items())),
                mismatched, lost, wrong)
 
 
@@ -217,9 +218,7 @@ def run_locust(port: int, spec_path: str, clients: int, requests: int, max_secon
            "--only-summary", "--stop-timeout", "30", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
     before = _metrics(port)
     srv0 = _cpu_s(server_pid)
-    t0 = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max_seconds + 90)
-    wall = time.time() - t0
     srv_cpu = _cpu_s(server_pid) - srv0
     after = _metrics(port)
     if p.returncode != 0:
@@ -272,7 +271,8 @@ def summarize_level(runs: Sequence[Run]) -> dict[str, Any]:
 
     return {"clients": runs[0].clients, "inproc": med([r.img_per_s for r in ins]),
             "service": med([r.img_per_s for r in svc]), "ratio": med(ratios), "ratios": ratios,
-            "p50": med([r.p50_ms for r in svc]), "p95": med([r.p95_ms for r in svc]), "p99": med([r.p99_ms for r in svc]),
+            "p50": med([r.p50_ms for r in svc]), "p95": med([r.p95_ms for r in svc]),
+            "p99": med([r.p99_ms for r in svc]),
             "p99_over_p50": med([r.p99_ms / r.p50_ms for r in svc]), "statuses": dict(sorted(statuses.items())),
             "lost": sum(r.lost for r in runs), "mismatched": sum(r.mismatched for r in runs),
             "wrong": sum(r.wrong_status for r in runs)}
@@ -345,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp_dicts, exp_status = expected(det, payloads)
     bad = [s for s in exp_status[len(good):] if not 400 <= s < 500]
     if bad or any(s != 200 for s in exp_status[: len(good)]):
-        raise SystemExit(f"workload broken: corrupt statuses {exp_status[len(good):]}, good {set(exp_status[:len(good)])}")
+        raise SystemExit(f"workload broken: corrupt statuses {exp_status[len(good):]}, "
+                         f"good {set(exp_status[:len(good)])}")
     sched = schedule(len(good), len(corrupt), max(reqs))
     load0 = os.getloadavg()[0]
     t_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -368,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for rep in range(a.repeats):
                 order = ("in-process", "service") if (j + rep) % 2 == 0 else ("service", "in-process")
                 for mode in order:
-                    r = (run_inprocess_level(det, a, payloads, sched, c, n, exp_dicts, exp_status) if mode == "in-process"
+                    r = (run_inprocess_level(det, a, payloads, sched, c, n, exp_dicts, exp_status)
+                         if mode == "in-process"
                          else run_service_level(port, spec, a, c, n, server.pid, work, exp_dicts, exp_status))
                     runs.append(r)
                     print(fmt_row(r), flush=True)
@@ -377,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             svc = [x for x in runs if x.mode == "service" and x.clients == c]
             print(f"  clients={c}: service/in-process throughput {level['ratio']:.2f}x (median of "
                   f"{', '.join(f'{x:.2f}' for x in level['ratios'])}); service p99/p50 {level['p99_over_p50']:.2f}; "
-                  "server stages ms/image " + ", ".join(f"{k} {v:.2f}" for k, v in svc[-1].stages_ms.items()), flush=True)
+                  "server stages ms/image " + ", ".join(f"{k} {v:.2f}" for k, v in svc[-1].stages_ms.items()),
+                  flush=True)
     finally:
         rc = stop_server(server)
         det.close()
@@ -390,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lv in levels:
             st = ", ".join(f"{k}: {v}" for k, v in lv["statuses"].items())
             print(f"| {lv['clients']} | {lv['inproc']:.1f} | {lv['service']:.1f} | {lv['ratio']:.2f} "
-                  f"({', '.join(f'{x:.2f}' for x in lv['ratios'])}) | {lv['p50']:.0f} / {lv['p95']:.0f} / {lv['p99']:.0f} | "
+                  f"({', '.join(f'{x:.2f}' for x in lv['ratios'])}) | "
+                  f"{lv['p50']:.0f} / {lv['p95']:.0f} / {lv['p99']:.0f} | "
                   f"{lv['p99_over_p50']:.2f} | {st} | {lv['lost']} / {lv['mismatched']} / {lv['wrong']} |")
         print("\n| mode | clients | requests | img/s (steady) | p50 ms | p95 ms | p99 ms | statuses | lost / "
               "mismatched / wrong status | mean batch | CPU ms per request |")

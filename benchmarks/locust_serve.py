@@ -3,8 +3,9 @@
 Each user posts payloads back to back (closed loop, no think time) to ``/v1/predict``, in the
 order of a shared schedule, until ``CXRKIT_LOCUST_REQUESTS`` requests have been sent; then the
 runner quits. Every response (status, body, start/end time) is kept in memory and written to
-``CXRKIT_LOCUST_OUT`` (pickle, with the CPU seconds locust spent from its first request on) when locust stops, for bench_serve.py to check against
-``Detector.predict`` after the timed run (no JSON parsing inside the timed loop).
+``CXRKIT_LOCUST_OUT`` (pickle, with the CPU seconds locust spent from its first request on) when
+locust stops, for bench_serve.py to check against ``Detector.predict`` after the timed run (no JSON
+parsing inside the timed loop).
 
 Environment: CXRKIT_LOCUST_PAYLOADS (a pickle: {"payloads": [bytes], "expect_status": [int],
 "schedule": [payload index]}), CXRKIT_LOCUST_REQUESTS, CXRKIT_LOCUST_OUT.

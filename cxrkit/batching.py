@@ -276,7 +276,8 @@ class BatchingDetector:
     ``max_batch``: most requests per ``predict`` call. ``max_delay_ms``: longest a batch waits for
     more requests after its first one arrived (0 = never wait; batches still form under load).
     ``max_queue``: most requests waiting (not counting the batch being run; a request cancelled
-    while waiting leaves the queue at once); past it ``submit`` raises ``QueueFullError``. ``return_heatmaps`` is passed to every ``predict``.
+    while waiting leaves the queue at once); past it ``submit`` raises ``QueueFullError``.
+    ``return_heatmaps`` is passed to every ``predict``.
 
     Thread-safe: ``submit``, ``predict`` and ``apredict`` may be called from any thread or event
     loop. One daemon worker thread runs the batches; ``close`` joins it, and a BatchingDetector

@@ -284,8 +284,8 @@ def create_app(detector_factory: Callable[[], Any], config: ServeConfig | None =
         yield
         await asyncio.get_running_loop().run_in_executor(None, svc.close)
 
-    kw: dict[str, Any] = dict(title="cxrkit", summary="Chest X-ray findings (demonstration models; not for clinical use)",
-                              lifespan=lifespan)
+    kw: dict[str, Any] = dict(title="cxrkit", lifespan=lifespan,
+                              summary="Chest X-ray findings (demonstration models; not for clinical use)")
     try:  # FastAPI >= 0.16x checks OpenTelemetry providers on every request (~10% of the loop's time here)
         app = _App(PredictEndpoint(svc), telemetry={"tracing": cfg.otel, "metrics": cfg.otel, "logs": cfg.otel},
                    **kw)
