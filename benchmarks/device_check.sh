@@ -43,6 +43,11 @@ if [ ! -f $SITE/.ok ]; then
     cat /tmp/cxrkit-parts/dali_part_*/dali_part_* > /tmp/dali_wheels.tar && rm -rf /tmp/whl && tar xf /tmp/dali_wheels.tar -C /tmp \
       && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE /tmp/whl/*.whl .device/extras/*.whl >> "$SETUP" 2>&1 \
       && touch $SITE/.ok && rm -f /tmp/dali_wheels.tar
+    # nvjpeg2k / nvtiff ship a comment-only nvidia/__init__.py (nvimgcodec's extends the path): whichever
+    # pip wrote last, a plain package there would hide the machine's own nvidia/* (torch's and CuPy's
+    # CUDA wheels) behind $SITE; make it span both
+    if [ -f $SITE/nvidia/__init__.py ] && ! grep -q extend_path $SITE/nvidia/__init__.py; then
+      echo "__path__ = __import__('pkgutil').extend_path(__path__, __name__)" >> $SITE/nvidia/__init__.py; fi
   else
     echo "DALI parts missing or damaged in /tmp/cxrkit-parts (have: $(ls /tmp/cxrkit-parts 2>/dev/null | tr '\n' ' ')); see benchmarks/README.md" | tee -a "$SETUP"
   fi
