@@ -77,6 +77,8 @@ def write_report(name: str, payload: dict[str, Any], started_utc: str | None = N
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "code": {"git_commit": _git("rev-parse", "HEAD"), "uncommitted_changes": bool(status) if status is not None else None,
+                 # a `git archive` snapshot measured outside the shared tree names its commit in COMMIT
+                 "snapshot_of_commit": (ROOT / "COMMIT").read_text().strip() if (ROOT / "COMMIT").is_file() else None,
                  "versions": _versions()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         **payload,
