@@ -21,6 +21,7 @@ from cxrkit.dicom import StudyInfo, make_outputs  # noqa: E402
 from cxrkit.dicom.coding import PRIVATE_SCHEME, finding_code, private_code  # noqa: E402
 from cxrkit.dicom.gsps import layer_names  # noqa: E402
 from cxrkit.errors import InputError  # noqa: E402
+from cxrkit.models import load_model_package  # noqa: E402
 from cxrkit.results import Finding, Prediction  # noqa: E402
 from dicom_helpers import assert_dciodvfy_clean, require_tool  # noqa: E402
 from test_fuzz_headers import make_dx  # noqa: E402
@@ -96,7 +97,9 @@ def test_outputs_valid_and_in_the_source_study(kind: str, predicted, tmp_path: P
     assert _ref_uids(sr.CurrentRequestedProcedureEvidenceSequence) == {src_uid}
     doc = hd.sr.srread([f for f in files if back[f].Modality == "SR"][0])
     groups = doc.content.get_image_measurement_groups()
-    assert [g.finding_type.meaning for g in groups] == [finding_code(k).meaning for k in pred.findings]
+    card = load_model_package("cxr29-demo").card  # findings the card disables are not assessed: no group
+    assessed = [k for k, on in zip(card.labels, card.enabled) if on]
+    assert [g.finding_type.meaning for g in groups] == [finding_code(k).meaning for k in pred.findings if k in assessed]
     for g in groups:
         assert g.source_images[0].referenced_sop_instance_uid == src_uid
     n_boxes = sum(len(f.boxes_xyxy) for f in pred.findings.values() if f.positive)
@@ -120,7 +123,8 @@ def test_outputs_valid_and_in_the_source_study(kind: str, predicted, tmp_path: P
 
 
 def _pred(size: tuple[int, int], **findings: Finding) -> Prediction:
-    return Prediction(source="synthetic", index=0, findings=findings, image_size=size, model="cxr29-demo")
+    # a model with no card: every finding counts as assessed
+    return Prediction(source="synthetic", index=0, findings=findings, image_size=size, model="hand-made")
 
 
 def _f(key: str, score: float, positive: bool, thr: float = 0.5, boxes=()) -> Finding:
@@ -161,7 +165,7 @@ def test_codes_private_scheme_and_labels_outside_the_ontology(tmp_path: Path) ->
     assert groups[long_key].finding_type.value == private_code(long_key) and len(private_code(long_key)) <= 16
     value = {k: g.get_qualitative_evaluations()[0].value.meaning for k, g in groups.items()}
     assert value["nodule"] == "Present" and value["pleural_effusion"] == "Absent"
-    assert value["tuberculosis"] == "Indeterminate"
+    assert value["tuberculosis"] == "Indeterminate"  # over its threshold, yet not reported positive
     prob = {k: g.get_measurements()[0].value for k, g in groups.items()}
     assert prob["nodule"] == pytest.approx(0.9) and prob["pleural_effusion"] == pytest.approx(0.1)
     rois = doc.content.get_planar_roi_measurement_groups()

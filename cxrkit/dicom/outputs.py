@@ -97,7 +97,7 @@ def make_outputs(pred: Prediction, source: Any, *, kinds: Iterable[str] = OUTPUT
     if pred.error is not None:
         raise InputError(pred.source, f"no DICOM outputs for a failed prediction ({type(pred.error).__name__}: "
                          f"{pred.error})")
-    model_name, model_version = _model_identity(model, pred)
+    model_name, model_version, card = _model_identity(model, pred)
     src = resolve_source(source, image=image, study=study, limits=limits, uid_prefix=uid_prefix,
                          model_name=model_name, name=pred.source)
     ref = src.header
@@ -129,7 +129,7 @@ def make_outputs(pred: Prediction, source: Any, *, kinds: Iterable[str] = OUTPUT
         out.sr = make_sr(pred, ref, series_uid=new_uid(uid_prefix), sop_uid=new_uid(uid_prefix),
                          series_number=SERIES_NUMBERS["sr"], model_name=model_name, model_version=model_version,
                          software_version=software, device_uid=_device_uid(model_name), header_issues=issues,
-                         now=now)
+                         not_assessed=_disabled(card), now=now)
     body_part = str(ref.get("BodyPartExamined") or "")
     for ds in (out.sc, out.gsps):
         if ds is None:
@@ -152,15 +152,25 @@ def make_outputs(pred: Prediction, source: Any, *, kinds: Iterable[str] = OUTPUT
     return out
 
 
-def _model_identity(model: Any, pred: Prediction) -> tuple[str, str]:
-    """(name, version) of the model: from a Detector / ModelPackage, else from the card of the
-    bundled model the Prediction names, else the name alone with version "unknown"."""
+def _model_identity(model: Any, pred: Prediction) -> tuple[str, str, Any]:
+    """(name, version, card) of the model: from a Detector / ModelPackage, else from the card of
+    the bundled model the Prediction names, else the name alone, version "unknown", no card."""
     card = getattr(getattr(model, "model", model), "card", None)
     if card is None:
         card = _bundled_card(model if isinstance(model, str) and model else pred.model)
     if card is not None:
-        return str(getattr(card, "name", "") or pred.model or "model"), str(getattr(card, "version", "") or "unknown")
-    return (model if isinstance(model, str) and model else pred.model) or "model", "unknown"
+        return (str(getattr(card, "name", "") or pred.model or "model"), str(getattr(card, "version", "") or "unknown"),
+                card)
+    return (model if isinstance(model, str) and model else pred.model) or "model", "unknown", None
+
+
+def _disabled(card: Any) -> frozenset[str]:
+    """The labels the model card disables: the model does not assess them (untrained or below its
+    validation bar), so the SR reports nothing about them rather than "absent"."""
+    try:
+        return frozenset(k for k, on in zip(card.labels, card.enabled) if not bool(on))
+    except (AttributeError, TypeError):
+        return frozenset()
 
 
 @functools.lru_cache(maxsize=8)

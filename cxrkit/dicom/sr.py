@@ -4,7 +4,8 @@ Content tree:
 
 - Measurement Report (TID 1500), procedure reported: Plain radiography, observer: the cxrkit device
   (name, model, version);
-- per finding of the model, a Measurement and Qualitative Evaluation Group (TID 1501) on the
+- per finding the model assesses (not those its card disables: "absent" would claim an
+  assessment that was never made), a Measurement and Qualitative Evaluation Group (TID 1501) on the
   source image: finding type = the finding's code (SNOMED CT or 99CXRKIT), a qualitative
   evaluation ``<finding> = Present | Absent`` at the card's operating threshold (``Indeterminate``
   when a score over the threshold was not reported positive: a finding the model card disables),
@@ -95,8 +96,11 @@ def _image_library(ref: Any) -> Any:
 
 def make_sr(pred: Prediction, ref: Any, *, series_uid: str, sop_uid: str, series_number: int,
             model_name: str, model_version: str, software_version: str, device_uid: str,
-            header_issues: Sequence[str] = (), now: datetime.datetime | None = None) -> Any:
-    """A highdicom ``ComprehensiveSR`` for ``pred`` on the image whose header is ``ref``."""
+            header_issues: Sequence[str] = (), not_assessed: "frozenset[str] | set[str]" = frozenset(),
+            now: datetime.datetime | None = None) -> Any:
+    """A Comprehensive SR (pydicom Dataset, built by highdicom) for ``pred`` on the image whose
+    header is ``ref``. Findings in ``not_assessed`` (those the model card disables) get no group:
+    the model does not assess them, and "absent" would claim it had."""
     import highdicom as hd
     from pydicom.dataset import Dataset, FileDataset
     from pydicom.sr.codedict import codes
@@ -110,6 +114,8 @@ def make_sr(pred: Prediction, ref: Any, *, series_uid: str, sop_uid: str, series
     threshold_name = private("THRESHOLD", "Operating threshold")
     groups: list[Any] = []
     for key, f in pred.findings.items():
+        if key in not_assessed and not f.positive:
+            continue
         code = finding_code(key).coded()
         if f.positive:
             value = present
