@@ -129,14 +129,22 @@ class Service:
             assert self.loop is not None
             self.loop.run_in_executor(None, lambda: bd.close(drain=False))
 
-    def close(self, timeout: float | None = 30.0) -> None:
+    def close(self, timeout: float = 15.0) -> None:
+        """Finish the queue and close the detector, each step bounded by ``timeout`` seconds: a batch
+        wedged in the device must not keep the process from exiting (it is logged, not waited for)."""
         if self._loader is not None:
             self._loader.join(timeout)
         bd, det = self.bd, self.detector
         if bd is not None:
             bd.close(drain=True, timeout=timeout)
         if det is not None and hasattr(det, "close"):
-            det.close()
+            closer = threading.Thread(target=det.close, name="cxrkit-serve-close", daemon=True)
+            closer.start()
+            closer.join(timeout)
+            if closer.is_alive():
+                log.error("the detector did not close within %.0f s (a batch still running?); exiting without it",
+                          timeout)
+                return
         log.info("stopped")
 
     # -- state -----------------------------------------------------------------------------------
