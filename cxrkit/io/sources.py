@@ -36,14 +36,21 @@ logger = logging.getLogger(__name__)
 Item = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
 
 
+_DTYPE_NAMES: dict[np.dtype, str] = {}  # str(dtype) is Python code in numpy 2: ~1 µs a call
+
+
 def describe_item(item: Any, index: int) -> str:
     """The ``source`` label: the path, or '<bytes 12345 B #3>', '<ndarray uint16 (h, w) #0>'..."""
+    if isinstance(item, np.ndarray):  # first: os.PathLike below is an ABC, slow to test
+        dt = item.dtype
+        name = _DTYPE_NAMES.get(dt)
+        if name is None:
+            name = _DTYPE_NAMES[dt] = str(dt)
+        return f"<ndarray {name} {tuple(item.shape)} #{index}>"
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return f"<bytes {memoryview(item).nbytes} B #{index}>"
-    if isinstance(item, np.ndarray):
-        return f"<ndarray {item.dtype} {tuple(item.shape)} #{index}>"
     if _is_dataset(item):
         from cxrkit.io.dicom import describe_dataset
 
@@ -109,6 +116,8 @@ def read_bytes(path: "str | os.PathLike[str]", *, limits: Limits = Limits(), sou
 
 
 def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, bool, bool]) -> LoadedImage:
+    if isinstance(item, np.ndarray):
+        return _load_array(item, source, index, limits)
     if isinstance(item, (str, os.PathLike)):
         data = _read_file(os.fspath(item), source, limits)
         return _load_bytes(data, source, index, limits, voi)
@@ -116,8 +125,6 @@ def _load(item: Item, source: str, index: int, limits: Limits, voi: tuple[int, b
         _check_file_bytes(memoryview(item).nbytes, source, limits)  # before copying a large buffer
         data = bytes(item)
         return _load_bytes(data, source, index, limits, voi)
-    if isinstance(item, np.ndarray):
-        return _load_array(item, source, index, limits)
     if _is_dataset(item):
         from cxrkit.io.dicom import load_dicom
 
