@@ -100,7 +100,7 @@ class BatchColumns:
     """
 
     __slots__ = ("labels", "scores", "positive", "thresholds", "offsets", "boxes_xyxy", "box_scores", "points_xy",
-                 "heatmaps", "_index", "_py", "_json")
+                 "heatmaps", "_index", "_py", "_json", "_finite")
 
     def __init__(self, labels: tuple[str, ...], scores: np.ndarray, positive: np.ndarray, thresholds: list[float],
                  offsets: np.ndarray, boxes_xyxy: np.ndarray, box_scores: np.ndarray, points_xy: np.ndarray,
@@ -120,6 +120,7 @@ class BatchColumns:
         self._index = {k: i for i, k in enumerate(self.labels)}
         self._py: tuple | None = None  # python lists of scores, decisions, offsets (made on first use)
         self._json: tuple | None = None  # rounded box columns for to_dict (made on first use)
+        self._finite: bool | None = None  # all_finite(), once
 
     def __len__(self) -> int:
         return self.scores.shape[0]
@@ -163,9 +164,11 @@ class BatchColumns:
 
     def all_finite(self) -> bool:
         """No NaN or infinity in the numbers a row's JSON holds (orjson writes those as null)."""
-        return bool(np.isfinite(self.scores).all() and np.isfinite(self.boxes_xyxy).all()
-                    and np.isfinite(self.box_scores).all() and np.isfinite(self.points_xy).all()
-                    and all(math.isfinite(t) for t in self.thresholds))
+        if self._finite is None:
+            self._finite = bool(np.isfinite(self.scores).all() and np.isfinite(self.boxes_xyxy).all()
+                                and np.isfinite(self.box_scores).all() and np.isfinite(self.points_xy).all()
+                                and all(math.isfinite(t) for t in self.thresholds))
+        return self._finite
 
 
 class _FindingsView(Mapping[str, Finding]):
