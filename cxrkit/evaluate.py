@@ -295,11 +295,12 @@ def package_report(out: "str | Path", *, nih14: "str | Path | None" = None, spli
     card["metrics"] = metrics
     on = sorted(k for k, v in card["enabled"].items() if v)
     gap = s.get("mean_paired_gap_8")
+    tr = card.get("training", {}).get("split", {}).get("train", {})
     card["description"] = (
         f"Demonstration detector for the 29 cxrkit findings (cxrnet, {card['input_size'][0]}x{card['input_size'][1]} input, "
-        "heatmap stride 8), trained from scratch on 751 real NIH ChestX-ray14 radiographs of 664 patients (image-level "
-        "labels, CheXNet soft targets, radiologist boxes) plus synthetic nodules. Measured on 188 radiographs of 166 "
-        f"other patients: mean AUROC over the 8 box findings {_r(s.get('mean_auroc_8'))}; on the images that CheXNet "
+        f"heatmap stride 8), trained from scratch on {tr.get('images', '?')} real NIH ChestX-ray14 radiographs of "
+        f"{tr.get('patients', '?')} patients (image-level labels, CheXNet soft targets, radiologist boxes) plus synthetic "
+        f"nodules. Measured on {res['n_evaluated']} radiographs of {res['patients']} other patients: mean AUROC over the 8 box findings {_r(s.get('mean_auroc_8'))}; on the images that CheXNet "
         f"scored, {_r(s.get('mean_paired_auroc_8'))} vs CheXNet's {_r(s.get('mean_paired_chexnet_auroc_8'))} (gap "
         f"{'-' if gap is None else f'{gap:+.3f}'}); localization sensitivity at 1 FP/image against the real boxes "
         f"{_r(s.get('mean_loc_sensitivity_at_1fp_8'))}. Enabled (val AUROC >= {BAR['min_auroc']} with >= "
@@ -307,7 +308,8 @@ def package_report(out: "str | Path", *, nih14: "str | Path | None" = None, spli
         f"boxes exist): {', '.join(on) or 'none'}; every other finding is disabled (never positive, no boxes). The 16 "
         "findings NIH does not label are untrained. Input: 8-bit unit range, letterboxed, mean 0.5 / std 0.25."
     )
-    card["intended_use"] = "demonstration only, NOT for clinical use: trained on 751 images; not a medical device"
+    card["intended_use"] = (f"demonstration only, NOT for clinical use: trained on {tr.get('images', '?')} images; "
+                            "not a medical device")
     write_card(card, out / "card.json")
     report = {"nih14_val": res, "tuned": chosen, "held_out_renderer_nodules": synth}
     if report_dir is not None:

@@ -79,6 +79,25 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _register_pausable(path: str) -> None:
+    """Append this process id to the pausable-jobs file (quiet benchmarks SIGSTOP/SIGCONT it) and
+    take it out again at exit, so a later process that reuses the id is never paused by mistake."""
+    import atexit
+
+    me = str(os.getpid())
+    with open(path, "a") as f:
+        f.write(me + "\n")
+
+    def drop() -> None:
+        try:
+            lines = Path(path).read_text().splitlines()
+            Path(path).write_text("".join(ln + "\n" for ln in lines if ln.strip() != me))
+        except OSError:
+            pass
+
+    atexit.register(drop)
+
+
 def train_subset(split: dict[str, Any], fraction: float, seed: int) -> list[str]:
     """Nested patient subsets of the train part: the first ``fraction`` of a seeded permutation."""
     pats = list(split["train"]["patients"])
@@ -100,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training.real import RealSamples
 
     if a.pids_file:
-        with open(a.pids_file, "a") as f:
-            f.write(f"{os.getpid()}\n")
+        _register_pausable(a.pids_file)
     t_start = time.perf_counter()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
