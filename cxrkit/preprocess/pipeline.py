@@ -365,12 +365,16 @@ class Preprocessor:
         transforms: dict[int, LetterboxTransform] = {}
         errors: dict[int, InputError] = {}
         timings = {"prepare": 0.0, "pipeline": 0.0}
+        whole = None  # the numpy path writes each row into one (N, 1, H, W) array
         if self.backend == "numpy":
-            self._run_numpy(images, outputs, transforms, errors, timings)
+            whole = self._run_numpy(images, outputs, transforms, errors, timings)
         else:
             self._run_dali(images, outputs, transforms, errors, timings)
         ok = sorted(outputs)
-        batch = self._assemble([outputs[p] for p in ok])  # (N_ok, 1, H, W)
+        if whole is not None and len(ok) == len(images):  # every row written: no copy on the host
+            batch = whole if self.device != Device.CUDA else self._upload(whole)
+        else:
+            batch = self._assemble([outputs[p] for p in ok])  # (N_ok, 1, H, W)
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return PreprocessResult(batch, [transforms[p] for p in ok], ok, errors, timings)
 
@@ -401,11 +405,13 @@ class Preprocessor:
         batch = np.empty((len(rows), 1, H, W), dtype=np.float32)  # (N_ok, 1, H, W)
         for row, arr in enumerate(rows):
             batch[row] = arr
-        if on_gpu:  # numpy path on a CUDA device: one upload of the finished batch
-            import torch
+        return self._upload(batch) if on_gpu else batch
 
-            return torch.from_numpy(batch).to(torch.device("cuda", self.device_id))
-        return batch
+    def _upload(self, batch: np.ndarray) -> Any:
+        """numpy path on a CUDA device: one upload of the finished batch."""
+        import torch
+
+        return torch.from_numpy(batch).to(torch.device("cuda", self.device_id))
 
     def _copy_stream(self) -> Any:
         """The preprocessor's own CUDA stream for DALI -> torch copies (created on first use)."""
@@ -460,8 +466,9 @@ class Preprocessor:
         return self._pool
 
     # -- numpy path ---------------------------------------------------------------------------
-    def _numpy_one(self, pos: int, img: Any) -> tuple[int, Any]:
-        """(pos, ((1, H, W), transform)) or (pos, InputError): decode + the reference, one item."""
+    def _numpy_one(self, pos: int, img: Any, out: np.ndarray | None = None) -> tuple[int, Any]:
+        """(pos, ((1, H, W), transform)) or (pos, InputError): decode + the reference, one item,
+        written into ``out`` (a row of the batch) when given."""
         try:
             k = self._dct_k(img)
             if k > 1:
@@ -472,28 +479,32 @@ class Preprocessor:
                 extent, src_hw = None, px.shape
             return pos, preprocess_reference(
                 px, vr, self.input_hw, self.mean, self.std, src_hw=src_hw, extent_hw=extent,
-                fast=self.fast_resize, fit=self.fit,
+                fast=self.fast_resize, fit=self.fit, out=out,
             )
         except InputError as e:
             return pos, e
         except ValueError as e:
             return pos, InputError(img.source, str(e))
 
-    def _run_numpy(self, images, outputs, transforms, errors, timings) -> None:
+    def _run_numpy(self, images, outputs, transforms, errors, timings) -> np.ndarray:
         """The reference, one image per thread (Pillow decode and numpy's matmul release the GIL),
-        numpy's BLAS kept to one thread meanwhile (see _blas.py)."""
+        numpy's BLAS kept to one thread meanwhile (see _blas.py). Each image is written into its
+        row of one (N, 1, H, W) array, which is returned."""
         t0 = time.perf_counter()
+        H, W = self.input_hw
+        whole = np.empty((len(images), 1, H, W), dtype=np.float32)  # (N, 1, H, W)
         with blas_single_thread():
             if len(images) <= 1 or self.num_threads <= 1:
-                done = [self._numpy_one(pos, img) for pos, img in enumerate(images)]
+                done = [self._numpy_one(pos, img, whole[pos]) for pos, img in enumerate(images)]
             else:
-                done = list(self._executor().map(self._numpy_one, range(len(images)), images))
+                done = list(self._executor().map(self._numpy_one, range(len(images)), images, whole))
         for pos, got in done:
             if isinstance(got, InputError):
                 errors[pos] = got
             else:
                 outputs[pos], transforms[pos] = got
         timings["pipeline"] = (time.perf_counter() - t0) * 1e3
+        return whole
 
     # -- DALI path ----------------------------------------------------------------------------
     def _job(self, pos: int, img: Any, decoded: dict[int, Any]) -> tuple[_Key, _Job, tuple[int, int]]:

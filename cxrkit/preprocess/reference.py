@@ -192,11 +192,13 @@ def pad_value(mean: float, std: float) -> float:
     return float(np.float32((np.float32(0.0) - np.float32(mean)) / np.float32(std)))
 
 
-def _normalize_in_place(src: np.ndarray, lo: float, hi: float, mean: float, std: float) -> np.ndarray:
+def _normalize_in_place(src: np.ndarray, lo: float, hi: float, mean: float, std: float,
+                        out: np.ndarray | None = None) -> np.ndarray:
     """Steps 1 and 4 for an (H, W) integer image that needs no resize: the resize at scale 1 is the
     identity (tap weights 0, 1, 0), so this is the same function bit for bit, as float32 operations
     in one (1, H, W) buffer instead of five temporaries (~13x less CPU for a 256^2 input)."""
-    out = np.empty((1,) + src.shape, np.float32)  # (1, H, W)
+    if out is None:
+        out = np.empty((1,) + src.shape, np.float32)  # (1, H, W)
     o = out[0]
     np.copyto(o, src, casting="unsafe")  # exact: integers below 2^24
     np.subtract(o, np.float32(lo), out=o)
@@ -227,6 +229,7 @@ def preprocess_reference(
     extent_hw: tuple[float, float] | None = None,
     fast: bool = False,
     fit: str = "letterbox",
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, LetterboxTransform]:
     """(h, w) gray pixels -> ((1, H, W) float32 normalised model input, its letterbox transform).
 
@@ -235,7 +238,8 @@ def preprocess_reference(
     and the part [0, eh) x [0, ew) of ``pixels`` that is image (h/k, w/k). ``fast``: resize with
     the C++ kernel (the same function within float32 rounding) instead of the numpy reference.
     ``fit``: "letterbox" (the steps above), "center_crop" or "stretch" (see letterbox.py): step 3
-    then keeps the part of the resized image that falls inside (H, W)."""
+    then keeps the part of the resized image that falls inside (H, W). ``out``: a (1, H, W) float32
+    C-contiguous buffer to write into (e.g. a row of the batch), returned; default a new one."""
     if pixels.ndim != 2:
         raise ValueError(f"pixels must be (h, w) gray, got shape {pixels.shape}")
     lo, hi = check_value_range(value_range)
@@ -246,12 +250,17 @@ def preprocess_reference(
     H, W = t.dst_hw
 
     src = clip_to_range(pixels, (lo, hi))  # (h, w) source dtype
+    if out is not None and (out.shape != (1, H, W) or out.dtype != np.float32 or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous (1, {H}, {W}) float32 array, got {out.shape} {out.dtype}")
     if fast and extent_hw is None and (nh, nw) == (H, W) == pixels.shape and pixels.dtype in (np.uint8, np.uint16):
-        return _normalize_in_place(src, lo, hi, mean, std), t  # an image of the input's size: no resize
+        return _normalize_in_place(src, lo, hi, mean, std, out), t  # an image of the input's size: no resize
     resize = resize_linear_aa_fast if fast else resize_linear_aa
     resized = resize(src, (nh, nw), extent_hw)  # (nh, nw) float32, source units
     unit = (resized - np.float32(lo)) / np.float32(hi - lo)  # (nh, nw) in [0, 1]
-    out = np.full((1, H, W), pad_value(mean, std), dtype=np.float32)  # (1, H, W)
+    if out is None:
+        out = np.full((1, H, W), pad_value(mean, std), dtype=np.float32)  # (1, H, W)
+    else:
+        out.fill(pad_value(mean, std))
     # the part of the resized image inside the canvas: all of it for a letterbox, a crop otherwise
     y0, y1, x0, x1 = max(0, -top), min(nh, H - top), max(0, -left), min(nw, W - left)
     out[0, top + y0 : top + y1, left + x0 : left + x1] = (unit[y0:y1, x0:x1] - np.float32(mean)) / np.float32(std)
