@@ -78,12 +78,13 @@ def _scu(port: int, ae_title: str = "CXRKIT", calling: str = "TESTSCU", contexts
 
 @pytest.fixture
 def storescp(tmp_path: Path):
-    """DCMTK's storescp on a free port, storing into tmp_path/received: (port, folder)."""
+    """DCMTK's storescp on a free port (a process per association: the node forwards over several),
+    storing into tmp_path/received: (port, folder)."""
     exe = dcmtk("storescp")
     folder = tmp_path / "received"
     folder.mkdir()
     port = free_port()
-    proc = subprocess.Popen([exe, "-aet", "STORESCP", "-od", str(folder), "+xa", str(port)],
+    proc = subprocess.Popen([exe, "--fork", "-aet", "STORESCP", "-od", str(folder), "+xa", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

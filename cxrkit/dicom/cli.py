@@ -96,6 +96,8 @@ def add_node_parser(sub: Any, add_model_args: Any) -> argparse.ArgumentParser:
                    help="send the outputs here by C-STORE (repeat for several destinations)")
     p.add_argument("--outputs", type=_kinds, default=("sr", "gsps", "sc"), metavar="KINDS",
                    help="comma-separated: sr, gsps, sc, or none (default: all three)")
+    p.add_argument("--forward-associations", type=int, default=4, metavar="N",
+                   help="parallel associations per destination (default: 4; a store waits for its answer)")
     p.add_argument("--out", metavar="DIR", help="also write the outputs to this folder")
     p.add_argument("--journal", metavar="FILE", help="append one JSON line per received instance (its end and why)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
@@ -124,7 +126,8 @@ def cmd_dicom_node(a: argparse.Namespace) -> int:
     node = DicomNode(a.model, ae_title=a.ae_title, host=a.host, port=a.port, forward=a.forward, outputs=a.outputs,
                      out_dir=a.out, strict=a.strict, max_queue=a.max_queue, queue_timeout_s=a.queue_timeout,
                      max_batch=a.batch_size, max_delay_ms=a.max_delay_ms, journal_path=a.journal,
-                     uid_prefix=a.uid_prefix, allowed_calling_aets=a.allow_aet, device=a.device, backend=a.backend,
+                     uid_prefix=a.uid_prefix, allowed_calling_aets=a.allow_aet,
+                     forward_associations=a.forward_associations, device=a.device, backend=a.backend,
                      precision=a.precision)
     stop = threading.Event()
 

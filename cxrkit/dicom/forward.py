@@ -1,9 +1,12 @@
-"""Sending datasets to a destination AE by C-STORE (pynetdicom SCU), one thread per destination.
+"""Sending datasets to a destination AE by C-STORE (pynetdicom SCU).
 
-A ``Forwarder`` keeps one association open while there is work (released after ``idle_release_s``
-without any), sends each job's datasets in order, and on a failure (association refused, aborted,
-no answer, failure status) re-associates and retries the dataset up to ``retries`` times with a
-growing pause. Each job ends in its callback with, per dataset, None (stored; a warning status
+A ``Forwarder`` runs ``associations`` sender threads for one destination (C-STORE is one request
+at a time per association, so a destination that answers each store in ~100 ms, as DCMTK's
+storescp does here, caps one association at ~10 objects/s; parallel associations overlap those
+waits). Each sender keeps its association open while there is work (released after
+``idle_release_s`` without any), sends a job's datasets in order, and on a failure (association
+refused, aborted, no answer, failure status) re-associates and retries the dataset up to
+``retries`` times with a growing pause. Each job ends in its callback with, per dataset, None (stored; a warning status
 is logged) or the ``DicomNetworkError`` that made it give up: nothing is dropped unreported.
 """
 
@@ -58,7 +61,7 @@ class Forwarder:
 
     def __init__(self, dest: Destination, calling_ae: str, sop_classes: Sequence[str], *, retries: int = 3,
                  retry_pause_s: float = 1.0, idle_release_s: float = 10.0, timeout_s: float = 60.0,
-                 max_pdu: int = 0) -> None:
+                 max_pdu: int = 0, associations: int = 1) -> None:
         from pynetdicom import AE
         from pynetdicom.presentation import build_context
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -75,11 +78,15 @@ class Forwarder:
         self._contexts = [build_context(uid, ts) for uid in sop_classes
                           for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
         self._q: queue.Queue[Job | None] = queue.Queue()
-        self._assoc: Any = None
+        n = max(1, int(associations))
+        self._assocs: list[Any] = [None] * n
+        self._count_lock = threading.Lock()
         self.sent = 0
         self.failed = 0
-        self._thread = threading.Thread(target=self._run, name=f"cxrkit-forward-{dest}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"cxrkit-forward-{dest}-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, datasets: Sequence[Any], done: Callable[[list["DicomNetworkError | None"]], None]) -> None:
         self._q.put((list(datasets), done))
@@ -88,56 +95,60 @@ class Forwarder:
         return self._q.qsize()
 
     def close(self, timeout: float | None = None) -> bool:
-        """Send what is queued, release the association, stop the thread. False if it did not
+        """Send what is queued, release the associations, stop the threads. False if they did not
         stop within ``timeout``."""
-        self._q.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        for _ in self._threads:
+            self._q.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     # -- worker --------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, slot: int) -> None:
         while True:
             try:
                 job = self._q.get(timeout=self.idle_release_s)
             except queue.Empty:
-                self._release()
+                self._release(slot)
                 continue
             if job is None:
-                self._release()
+                self._release(slot)
                 return
             datasets, done = job
-            results = [self._send(ds) for ds in datasets]
+            results = [self._send(ds, slot) for ds in datasets]
             try:
                 done(results)
             except Exception:  # noqa: BLE001 - a callback bug must not stop the sender
                 log.exception("forwarding callback failed")
 
-    def _send(self, ds: Any) -> "DicomNetworkError | None":
+    def _send(self, ds: Any, slot: int) -> "DicomNetworkError | None":
         err: DicomNetworkError | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.retry_pause_s * attempt)
             try:
-                assoc = self._association()
+                assoc = self._association(slot)
                 status = assoc.send_c_store(ds)
             except DicomNetworkError as exc:
                 err = exc
-                self._release(abort=True)
+                self._release(slot, abort=True)
                 continue
             except Exception as exc:  # noqa: BLE001 - pynetdicom raises RuntimeError/ValueError/OSError...
                 err = DicomNetworkError(f"C-STORE of {ds.SOPInstanceUID} to {self.dest} failed: "
                                         f"{type(exc).__name__}: {exc}")
-                self._release(abort=True)
+                self._release(slot, abort=True)
                 continue
             code = int(status.Status) if status is not None and "Status" in status else None
             if code is None:  # no response: timeout or aborted association
                 err = DicomNetworkError(f"no C-STORE response from {self.dest} for {ds.SOPInstanceUID}")
-                self._release(abort=True)
+                self._release(slot, abort=True)
                 continue
             if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
                 if code:
                     log.warning("%s stored %s with warning status 0x%04X", self.dest, ds.SOPInstanceUID, code)
-                self.sent += 1
+                with self._count_lock:
+                    self.sent += 1
                 return None
             comment = str(status.get("ErrorComment") or "")
             err = DicomNetworkError(f"{self.dest} answered C-STORE of {ds.SOPInstanceUID} with failure status "
@@ -145,24 +156,26 @@ class Forwarder:
             if 0xA700 <= code <= 0xA7FF:  # out of resources: worth another try later
                 continue
             break  # a refusal of this dataset will not change on a retry
-        self.failed += 1
+        with self._count_lock:
+            self.failed += 1
         log.error("%s (gave up after %d attempt(s))", err, attempt + 1)
         return err
 
-    def _association(self) -> Any:
-        if self._assoc is not None and self._assoc.is_established:
-            return self._assoc
-        self._assoc = None
+    def _association(self, slot: int) -> Any:
+        assoc = self._assocs[slot]
+        if assoc is not None and assoc.is_established:
+            return assoc
+        self._assocs[slot] = None
         assoc = self.ae.associate(self.dest.host, self.dest.port, contexts=self._contexts, ae_title=self.dest.ae_title)
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
             raise DicomNetworkError(f"association with {self.dest} {why} (check its host, port, AE title and "
                                     "that it accepts our AE title and the SR/PR/SC storage SOP classes)")
-        self._assoc = assoc
+        self._assocs[slot] = assoc
         return assoc
 
-    def _release(self, abort: bool = False) -> None:
-        assoc, self._assoc = self._assoc, None
+    def _release(self, slot: int, abort: bool = False) -> None:
+        assoc, self._assocs[slot] = self._assocs[slot], None
         if assoc is None or not assoc.is_established:
             return
         try:
