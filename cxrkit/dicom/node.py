@@ -106,7 +106,6 @@ class DicomNode:
                  max_delay_ms: float = 20.0, workers: int | None = None, journal_path: "str | os.PathLike[str] | None" = None,
                  uid_prefix: str | None = None, sc_max_side: int = 2048, allowed_calling_aets: Sequence[str] = (),
                  max_associations: int = 16, forward_retries: int = 3, forward_associations: int = 4,
-                 dul_poll_s: float = 0.001,
                  **detector_kwargs: Any) -> None:
         from cxrkit.batching import BatchingDetector
         from cxrkit.dicom.outputs import OUTPUT_KINDS
@@ -132,7 +131,6 @@ class DicomNode:
         self.max_associations = int(max_associations)
         self.forward_retries = int(forward_retries)
         self.forward_associations = int(forward_associations)
-        self.dul_poll_s = float(dul_poll_s)
         if isinstance(detector, BatchingDetector):
             self._bd, self._owns_bd = detector, False
         elif callable(getattr(detector, "predict", None)):
@@ -176,8 +174,7 @@ class DicomNode:
             ae.add_supported_context(cx.abstract_syntax, READABLE_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted),
-                    (evt.EVT_CONN_OPEN, self._on_conn_open)]
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted)]
         self._ae = ae
         self._accepting = True
         self._server = ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
@@ -261,15 +258,6 @@ class DicomNode:
         return sum(fw.pending() for fw in self._forwarders)
 
     # -- DIMSE handlers (association threads) --------------------------------------------------
-    def _on_conn_open(self, event: Any) -> None:
-        # pynetdicom polls each association's socket from its DUL thread, sleeping 1 ms between
-        # empty polls; on a 2-core machine, 4 associations' pollers took ~0.3 s of CPU per second
-        # (measured) and preempted the inference threads. Idle polls every ``dul_poll_s`` instead
-        # (a transfer in progress is read without sleeping).
-        dul = getattr(event.assoc, "dul", None)
-        if dul is not None and hasattr(dul, "_run_loop_delay"):
-            dul._run_loop_delay = self.dul_poll_s
-
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
 
