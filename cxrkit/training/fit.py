@@ -199,9 +199,10 @@ def fit(net: torch.nn.Module, samples, train_idx: Sequence[int], *, steps: int, 
 def predict_arrays(net: torch.nn.Module, xs: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(N, 1, H, W) -> image probabilities (N, K) and heatmap probabilities (N, K, h, w)."""
     net.eval()
+    dev = next(net.parameters()).device
     probs, heats = [], []
     for s in range(0, len(xs), batch_size):
-        logits, z = net(torch.from_numpy(np.ascontiguousarray(xs[s:s + batch_size])))
-        probs.append(torch.sigmoid(logits).numpy())
-        heats.append(torch.sigmoid(z).numpy())
+        logits, z = net(torch.from_numpy(np.ascontiguousarray(xs[s:s + batch_size])).to(dev))
+        probs.append(torch.sigmoid(logits).float().cpu().numpy())
+        heats.append(torch.sigmoid(z).float().cpu().numpy())
     return np.concatenate(probs), np.concatenate(heats)
