@@ -10,7 +10,9 @@ import pytest
 
 import cxrkit
 
-NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih14"
+from conftest import SHARED_DATA  # noqa: E402
+
+NIH = SHARED_DATA / "nih14"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 

@@ -18,7 +18,6 @@ from cxrkit.labels import nih14_key
 from cxrkit.training.nih14 import BOX_NAMES, Nih14Record, load_nih14, make_split
 from cxrkit.tune import BAR, apply_to_card, choose_thresholds
 
-NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih14"
 
 
 def test_nih14_names_map_to_the_ontology():
@@ -141,8 +140,11 @@ def test_tuning_threshold_and_bar():
 
 @pytest.fixture(scope="module")
 def nih_small(tmp_path_factory):
+    from conftest import SHARED_DATA
+
+    NIH = SHARED_DATA / "nih14"
     if not (NIH / "labels.json").is_file():
-        pytest.skip("../shared/data/nih14 not present")
+        pytest.skip(f"{NIH} not present (set CXRKIT_SHARED_DATA)")
     recs = json.loads((NIH / "labels.json").read_text())
     pick = [r for r in recs if r["boxes"] and r.get("chexnet_test_probs")][:6] + [r for r in recs if r["labels"] == "No Finding"][:4]
     out = tmp_path_factory.mktemp("nih")
