@@ -386,3 +386,18 @@ def test_model_size_images_skip_the_resize_with_the_same_bits(dtype):
             ref, tr = preprocess_reference(px, vr, (64, 48), mean, std, fast=False)
             assert fast.dtype == np.float32 and fast.shape == (1, 64, 48) and tf == tr
             assert fast.tobytes() == ref.tobytes(), (vr, mean, std)
+
+
+def test_preprocess_writes_into_the_row_it_is_given():
+    from cxrkit.preprocess.reference import preprocess_reference
+
+    rng = np.random.default_rng(12)
+    for px, hw in [(rng.integers(0, 255, (64, 48), dtype=np.uint8), (64, 48)),
+                   (rng.integers(0, 65535, (90, 40), dtype=np.uint16), (64, 48))]:
+        want, _ = preprocess_reference(px, (0.0, 255.0), hw, 0.5, 0.25, fast=True)
+        batch = np.full((3, 1) + hw, np.nan, np.float32)
+        got, _ = preprocess_reference(px, (0.0, 255.0), hw, 0.5, 0.25, fast=True, out=batch[1])
+        assert np.shares_memory(got, batch) and batch[1].tobytes() == want.tobytes()
+        assert np.isnan(batch[0]).all() and np.isnan(batch[2]).all()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        preprocess_reference(px, (0.0, 255.0), (64, 48), 0.5, 0.25, out=np.zeros((1, 64, 47), np.float32))
