@@ -10,8 +10,9 @@ grown), RSS at the end, growth = end - after warm-up, the growth between the med
 and last quarter of the post-warm-up samples (robust to the +-50 MB wander of the allocator), the
 least-squares slope in kB per 1,000 items over the post-warm-up samples, the Theil-Sen slope (the
 median of the pairwise slopes: robust to the allocator's steps, used by the CI-sized check), and the
-peak. ``trim=True`` (``--trim``) calls glibc's ``malloc_trim(0)`` before each sample, so RSS follows
-live memory rather than what the allocator keeps cached. The floor to compare with: predict_iter keeps at
+peak. ``trim=True`` (``--trim``) runs a full ``gc.collect()`` and glibc's ``malloc_trim(0)`` before
+each sample, so RSS follows live memory rather than garbage in reference cycles awaiting the cyclic
+collector (a +-15 MB sawtooth over a few thousand items) or what the allocator keeps cached. The floor to compare with: predict_iter keeps at
 most two batches alive, about 2 x B x (64x64 input + 256x256 float32 model input) = 2 x B x 0.27 MB;
 anything that grows with N is a leak.
 
@@ -85,7 +86,7 @@ def theil_sen_slope(xs: np.ndarray, ys: np.ndarray) -> float:
 
 def run(n: int = 100_000, batch: int = 32, warmup: int = 2_000, every: int = 1_000,
         model: str = "cxr-probe", bad_every: int = 50, trim: bool = False) -> dict:
-    sample = (lambda: (_malloc_trim(), rss_mb())[1]) if trim else rss_mb
+    sample = (lambda: (gc.collect(), _malloc_trim(), rss_mb())[2]) if trim else rss_mb
     with cxrkit.Detector.from_pretrained(model, batch_size=batch) as det:
         samples: list[tuple[int, float]] = []
         errors = ok = 0
