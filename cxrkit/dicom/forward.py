@@ -129,6 +129,7 @@ class Forwarder:
                 time.sleep(self.retry_pause_s * attempt)
             try:
                 assoc = self._association(slot)
+                _quiesce_reactor(assoc)
                 status = assoc.send_c_store(ds)
             except DicomNetworkError as exc:
                 err = exc
@@ -182,3 +183,29 @@ class Forwarder:
             assoc.abort() if abort else assoc.release()
         except Exception:  # noqa: BLE001 - the peer may be gone already
             log.debug("releasing the association with %s failed", self.dest, exc_info=True)
+
+
+def _quiesce_reactor(assoc: Any, timeout_s: float = 1.0) -> None:
+    """Make sure the association's reactor thread is really paused before a C-STORE.
+
+    pynetdicom (3.0) pauses the reactor for a send with ``_reactor_checkpoint.clear()`` and then
+    waits for ``_is_paused``; after a previous send re-set the checkpoint, ``_is_paused`` can still
+    be True from before (the reactor was woken but not yet scheduled), the send goes ahead, and the
+    reactor then takes the C-STORE response off the queue ("Received unexpected C-STORE service
+    message") and the send waits for the DIMSE timeout. Measured here under load: about one store
+    in a few hundred on back-to-back stores. Clearing the checkpoint ourselves and waiting to see
+    the reactor run (``_is_paused`` False) and then stop again (True) closes that window. Private
+    attributes: if a pynetdicom version lacks them, the send goes ahead as before."""
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not hasattr(assoc, "_is_paused"):
+        return
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout_s
+    seen_running = not assoc._is_paused
+    while time.monotonic() < deadline:
+        paused = assoc._is_paused
+        if not paused:
+            seen_running = True
+        elif seen_running:
+            return  # it ran after the clear and has now stopped at the (cleared) checkpoint
+        time.sleep(0.0002)
