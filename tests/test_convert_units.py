@@ -112,9 +112,21 @@ def test_every_variant_converts_to_the_same_model(tmp_path):
     for i, src in enumerate(["plain.pth", "chexnet.pth.tar", "w.safetensors"]):
         pkg = import_model(tmp_path / src, tmp_path / f"pkg{i}", labels=LABELS, input_size=64).package
         outs.append(ort(pkg, x))
+    _assert_head_names(pkg)
     for lg, hm in outs[1:]:
         np.testing.assert_array_equal(lg, outs[0][0])
         np.testing.assert_array_equal(hm, outs[0][1])
+
+
+def _assert_head_names(pkg):
+    """The classifier and CAM nodes carry cxrkit.convert.HEAD_NODES (what --keep-fp32 names)."""
+    import onnx
+
+    from cxrkit.convert import HEAD_NODES
+
+    names = {n.name: n for n in onnx.load(str(pkg.verified("onnx"))).graph.node}
+    assert names[HEAD_NODES[1]].op_type == "Conv" and names[HEAD_NODES[1]].output[0] == "heatmaps"
+    assert names[HEAD_NODES[0]].op_type in ("Gemm", "MatMul")
 
 
 # -- safety --------------------------------------------------------------------------------
@@ -307,6 +319,7 @@ def test_onnx_heads(tmp_path, cls, cin, dynamic, normalize, pool, dropped):
     pkg = res.package
     assert pkg.card.raw["source"]["pool"] == pool and pkg.card.raw["source"]["dropped_after_linear"] == dropped
     assert pkg.card.input_hw == (32, 32) and pkg.card.heatmap_stride == 4 and pkg.card.fit == "letterbox"
+    _assert_head_names(pkg)
     x = probe(3, 32)
     lg, hm = ort(pkg, x)  # batch 3 through a source exported at a fixed batch of 1
     xs = torch.from_numpy(np.repeat(x, cin, 1))

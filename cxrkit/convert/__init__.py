@@ -48,7 +48,7 @@ from ..errors import ModelError
 from ..models import ModelPackage, sha256_file
 from .package import DEFAULT_THRESHOLD, NORMALIZATIONS, InputConvention, build_card, input_convention, probe_inputs, write_package
 
-__all__ = ["import_model", "ImportResult", "LOGIT_TOL", "DEFAULT_THRESHOLD", "ARCHS", "add_parser", "main"]
+__all__ = ["import_model", "ImportResult", "LOGIT_TOL", "DEFAULT_THRESHOLD", "ARCHS", "HEAD_NODES", "add_parser", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,25 @@ def _check(onnx_path: Path, x: np.ndarray, ref_logits: np.ndarray, what: str) ->
         raise ModelError(f"conversion check failed: mean(heatmaps) differs from logits by {d_cam:.3g}: the pool "
                          "before the classifier is not a global average of the feature map the heatmaps use")
     return rep
+
+
+#: node names of the head in every imported graph: what to keep in fp32 when quantizing
+#: (``cxrkit quantize DIR --keep-fp32 cxrkit/classifier cxrkit/cam``; see models/chexnet-densenet121)
+HEAD_NODES = ("cxrkit/classifier", "cxrkit/cam")
+
+
+def _name_head(path: Path) -> Path:
+    """Give the nodes producing ``logits`` and ``heatmaps`` the stable names HEAD_NODES."""
+    import onnx
+
+    m = onnx.load(str(path))
+    for n in m.graph.node:
+        if "logits" in n.output and n.op_type != "Identity":  # ONNX imports: convert_onnx named it
+            n.name = HEAD_NODES[0]
+        elif "heatmaps" in n.output:
+            n.name = HEAD_NODES[1]
+    onnx.save(m, str(path))
+    return path
 
 
 # -- torch sources ------------------------------------------------------------------------------
@@ -326,7 +345,7 @@ def _import_torch(source: Any, *, arch: str, labels: list[str] | None, input_siz
         td_p = Path(td)
         w_path = save_weights(net, td_p / "weights.safetensors",
                               metadata={"source": json.dumps({k: src[k] for k in ("kind", "arch") if k in src})})
-        o_path = export_onnx(net, td_p / "model.onnx", hw)
+        o_path = _name_head(export_onnx(net, td_p / "model.onnx", hw))
         x = probe_inputs(hw)
         xn = (x - np.float32(conv.mean)) / np.float32(conv.std)  # (N, 1, H, W) normalized
         with torch.inference_mode():
@@ -384,6 +403,7 @@ def _import_onnx(path: Path, *, labels: list[str] | None, input_size: Any, norma
     with tempfile.TemporaryDirectory(prefix="cxrkit-import-") as td:
         o_path = Path(td) / "model.onnx"
         onnx.save(conv_model, str(o_path))
+        _name_head(o_path)
         x = probe_inputs(hw)
         xn = (x - np.float32(conv.mean)) / np.float32(conv.std)  # (N, 1, H, W)
         try:

@@ -222,6 +222,13 @@ def convert_onnx(model: Any, head: OnnxHead, *, input_hw: tuple[int, int], chann
     tail = [helper.make_node("Conv", [head.feature, wname, bname], ["heatmaps"], name=fresh("CAM"), kernel_shape=[1, 1]),
             helper.make_node("Identity", [head.logits], ["logits"], name=fresh("logits"))]
 
+    producer = {o: n for n in g.node for o in n.output}
+    lin = producer.get(head.logits)  # the linear layer: a stable name to keep it fp32 when quantizing
+    if lin is not None:
+        if lin.op_type == "Add" and lin.input[0] in producer and producer[lin.input[0]].op_type == "MatMul":
+            producer[lin.input[0]].name, lin.name = "cxrkit/classifier", "cxrkit/classifier_bias"
+        else:
+            lin.name = "cxrkit/classifier"
     for name in ("image", "logits", "heatmaps"):
         if name in {n for node in g.node for n in node.output} or name == src_name:
             raise ModelError(f"the source graph already has a tensor named {name!r}; rename it before importing")
