@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..models import ModelPackage, sha256_file
-from .package import DEFAULT_THRESHOLD, NORMALIZATIONS, InputConvention, build_card, input_convention, probe_inputs, write_package
+from .package import DEFAULT_THRESHOLD, NORMALIZATIONS, build_card, input_convention, probe_inputs, write_package
 
 __all__ = ["import_model", "ImportResult", "LOGIT_TOL", "DEFAULT_THRESHOLD", "ARCHS", "HEAD_NODES", "add_parser", "main"]
 

@@ -25,12 +25,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ModelError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 __all__ = ["CheckpointInfo", "read_checkpoint", "find_state_dict", "canonical_state", "ArchSpec", "detect_arch"]
 
