@@ -43,10 +43,9 @@ from typing import Any, Sequence
 import numpy as np
 
 try:
-    import cxrkit
+    import cxrkit  # noqa: F401
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import cxrkit
 
 from cxrkit.batching import BatchingDetector
 

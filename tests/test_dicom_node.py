@@ -224,8 +224,8 @@ def _received(folder: Path) -> list[pydicom.Dataset]:
 def _check_storescu_node_storescp(shared: Path, files: list[str], storescp, tmp_path: Path, strict: bool) -> None:
     scp_port, received = storescp
     paths = [str(shared / f) for f in files]
-    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]  # (some repeat:
-    sent = dict(zip(uids, paths))                                 # the corrupt file is the J2K one, broken)
+    # (some UIDs repeat: the corrupt file is the J2K one, broken, and Fake_MONOHR1 the other CR)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
     with DicomNode("cxr29-demo", host="127.0.0.1", port=0, forward=[f"127.0.0.1:{scp_port}:STORESCP"],
                    strict=strict, journal_path=tmp_path / "journal.jsonl") as node:
         r = _run_storescu(node.port, paths, tmp_path / "scu.cfg")

@@ -267,3 +267,32 @@ def test_invalid_source_values_are_left_empty_with_a_warning(shared_data: Path, 
     assert any("PatientAge" in w for w in outs.warnings)
     for f in outs.save(tmp_path):
         assert_dciodvfy_clean(f)
+
+
+def test_cli_predict_dicom_out(shared_data: Path, tmp_path: Path) -> None:
+    from cxrkit.cli import main
+
+    png = shared_data / "torchxrayvision" / "00000001_000.png"
+    dcm = shared_data / "dicom" / "dx-tiny-monochrome1.dcm"
+    out = tmp_path / "dicom"
+    rc = main(["predict", str(png), str(dcm), "--out", str(tmp_path / "p.jsonl"), "--dicom-out", str(out),
+               "--dicom-outputs", "sr,sc", "--patient-id", "P7", "--accession-number", "A1"])
+    assert rc == 0
+    objs = [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+    assert sorted(o.Modality for o in objs) == ["OT", "OT", "OT", "SR", "SR"]  # the PNG's own SC, 2 SC, 2 SR
+    src_study = pydicom.dcmread(dcm, stop_before_pixels=True).StudyInstanceUID
+    for o in objs:
+        if o.StudyInstanceUID != src_study:  # the PNG's new Study carries the identifiers given
+            assert (o.PatientID, o.AccessionNumber) == ("P7", "A1")
+    assert sum(o.StudyInstanceUID == src_study for o in objs) == 2
+
+
+def test_missing_highdicom_says_what_to_install(monkeypatch) -> None:
+    import importlib.util
+
+    from cxrkit.errors import BackendUnavailableError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "highdicom" else real(name, *a))
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'cxrkit\[dicom\]'"):
+        make_outputs(_pred((40, 50)), np.zeros((40, 50), np.uint8))

@@ -108,7 +108,11 @@ class DicomNode:
                  max_associations: int = 16, forward_retries: int = 3, forward_associations: int = 4,
                  **detector_kwargs: Any) -> None:
         from cxrkit.batching import BatchingDetector
-        from cxrkit.dicom.outputs import OUTPUT_KINDS
+        from cxrkit.dicom.outputs import OUTPUT_KINDS, require
+
+        require("pynetdicom")
+        if outputs:
+            require("highdicom")
 
         bad = [k for k in outputs if k not in OUTPUT_KINDS]
         if bad:

@@ -90,6 +90,7 @@ def make_outputs(pred: Prediction, source: Any, *, kinds: Iterable[str] = OUTPUT
     from cxrkit import __version__
     from cxrkit.dicom.source import display_u8, new_uid, resolve_source
 
+    require("highdicom")
     kinds = tuple(dict.fromkeys(kinds))
     bad = [k for k in kinds if k not in OUTPUT_KINDS]
     if bad:
@@ -150,6 +151,16 @@ def make_outputs(pred: Prediction, source: Any, *, kinds: Iterable[str] = OUTPUT
     for w in dict.fromkeys(out.warnings):
         log.warning("%s: %s", src.name, w)
     return out
+
+
+def require(module: str) -> None:
+    """``BackendUnavailableError`` with the pip command when an optional DICOM dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        from cxrkit.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"cxrkit.dicom needs {module}, which is not installed: pip install 'cxrkit[dicom]'")
 
 
 def _model_identity(model: Any, pred: Prediction) -> tuple[str, str, Any]:
