@@ -20,11 +20,11 @@ classifier (``classifier.0.weight`` -> ``classifier.weight``).
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # the exception torch.load raises; nothing here unpickles
 from typing import Any
 
 from ..errors import ModelError
@@ -103,7 +103,7 @@ def read_checkpoint(path: "str | Path", export_hint: str | None = None) -> tuple
             with torch.serialization.safe_globals(allowed):
                 obj = torch.load(str(p), map_location="cpu", weights_only=True)
             break
-        except pickle.UnpicklingError as e:
+        except UnpicklingError as e:
             m = _UNSAFE_GLOBAL.search(str(e))
             if m is None and allowed and info.format == "torch-legacy":
                 # a module pickled in the pre-1.6 format carries its class's source code as a
