@@ -5,7 +5,7 @@ OpenCV, pybind11, pytest, pytest-benchmark, Triton and nothing else; cxrkit's ot
 travel as wheels under .device/ (benchmarks/README.md, "Running the GPU check"). This script:
 
 1. collects, by reading the code (not a hand-kept list), every module that benchmarks/device_check.sh
-   will import: the test files it runs (tests with a gpu / dali marker, found by grep, plus the
+   will import: the test files it runs (tests with a gpu marker, found by grep as device_check.sh does, plus the
    helpers and conftest they import), the benchmark scripts it runs, and, recursively, every
    cxrkit module those reach, with imports inside functions included (cxrkit imports its heavy
    dependencies lazily, so a top-level scan would miss e.g. safetensors in nets/weights.py);
@@ -70,7 +70,7 @@ IMPORT_TO_PROJECT = {"nvidia.dali": "nvidia-dali-cuda130", "safetensors": "safet
                      "libjpeg": "pylibjpeg-libjpeg", "isal": "isal", "orjson": "orjson",
                      "threadpoolctl": "threadpoolctl"}
 
-_MARKER = re.compile(r"pytest\.mark\.(gpu|dali)\b")
+_MARKER = re.compile(r"pytest\.mark\.gpu\b")  # as device_check.sh selects files (grep -lE pytest.mark.gpu)
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Found:
 
 
 def gpu_test_files() -> list[Path]:
-    """The test files device_check.sh runs: those with a gpu or dali marker."""
+    """The test files device_check.sh runs: those with a gpu marker (its `grep -lE` selection)."""
     return sorted(p for p in (ROOT / "tests").glob("test_*.py") if _MARKER.search(p.read_text(errors="replace")))
 
 
