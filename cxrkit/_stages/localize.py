@@ -48,11 +48,17 @@ def _to_host(logits: Any, det: Any) -> tuple[np.ndarray, Any]:
     return to_host(logits, det)
 
 
-def map_to_source(xy: np.ndarray, rows: np.ndarray, transforms: Sequence[Any]) -> np.ndarray:
+def _geometry(transforms: Sequence[Any]) -> np.ndarray:
+    """(B, 6) float64 left, top, scale x, scale y, width, height of each image's transform."""
+    return np.array([(tf.offset_yx[1], tf.offset_yx[0], tf.scale_x, tf.scale_y, tf.src_hw[1], tf.src_hw[0])
+                     for tf in transforms], np.float64).reshape(-1, 6)
+
+
+def map_to_source(xy: np.ndarray, rows: np.ndarray, transforms: "Sequence[Any] | np.ndarray") -> np.ndarray:
     """(N, 2) float64 model-input x, y of images ``rows`` (N,) -> (N, 2) float32 source x, y, clipped
-    to each image: ``LetterboxTransform.points_to_source`` for all rows at once (same float64 steps)."""
-    geo = np.array([(tf.offset_yx[1], tf.offset_yx[0], tf.scale_x, tf.scale_y, tf.src_hw[1], tf.src_hw[0])
-                    for tf in transforms], np.float64).reshape(-1, 6)  # (B, 6) left, top, sx, sy, w, h
+    to each image: ``LetterboxTransform.points_to_source`` for all rows at once (same float64 steps).
+    ``transforms``: the images' transforms, or their ``_geometry``."""
+    geo = transforms if isinstance(transforms, np.ndarray) else _geometry(transforms)
     g = geo[rows]  # (N, 6)
     out = np.empty_like(xy)
     np.divide(xy[:, 0] - g[:, 0], g[:, 2], out=out[:, 0])
@@ -114,11 +120,11 @@ class Localizer:
             searched = shown if maps is None else shown[:, maps]  # the dead maps add no peaks in between
             keep = (np.arange(M) < searched[:, :, None]).reshape(det.counts.shape + (M,))  # (image, finding, peak)
             rows = np.repeat(np.arange(B), shown.sum(axis=1))  # (n,) image of each kept peak
-            s = self.stride
+            s, geo = self.stride, _geometry(transforms)
             boxes = map_to_source(np.asarray(det.boxes)[keep].astype(np.float64).reshape(-1, 2) * s,
-                                  np.repeat(rows, 2), transforms).reshape(-1, 4)  # (n, 4)
+                                  np.repeat(rows, 2), geo).reshape(-1, 4)  # (n, 4)
             points = map_to_source((np.asarray(det.points)[keep].astype(np.float64) + 0.5) * s, rows,
-                                   transforms)  # (n, 2)
+                                   geo)  # (n, 2)
             box_scores = np.ascontiguousarray(np.asarray(det.scores)[keep], np.float32)  # (n,)
         else:
             boxes, points, box_scores = (np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32),
