@@ -401,3 +401,58 @@ def test_preprocess_writes_into_the_row_it_is_given():
         assert np.isnan(batch[0]).all() and np.isnan(batch[2]).all()
     with pytest.raises(ValueError, match="C-contiguous"):
         preprocess_reference(px, (0.0, 255.0), (64, 48), 0.5, 0.25, out=np.zeros((1, 64, 47), np.float32))
+
+
+def test_strict_refuses_a_lateral_dicom_and_is_off_by_default():
+    import pydicom
+
+    from cxrkit.errors import UnsuitableImageError
+    from probe_images import encode
+
+    ds = pydicom.dcmread(io.BytesIO(encode(np.full((64, 80), 0.3), "dicom")))
+    ds.ViewPosition = "LL"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    lateral = buf.getvalue()
+    good = _probe_inputs(1)[0]
+    with cxrkit.Detector.from_pretrained("cxr-probe", strict=True) as det:
+        p_lat, p_good = det.predict([lateral, good])
+    assert isinstance(p_lat.error, UnsuitableImageError) and "lateral" in str(p_lat.error) and p_good.ok
+    with cxrkit.Detector.from_pretrained("cxr-probe") as det:
+        (p,) = det.predict([lateral])
+    assert p.ok and any("lateral" in w for w in p.warnings)
+
+
+def test_out_of_memory_while_preparing_the_runner_starts_the_retry_lower():
+    """Runner.prepare (CUDA-graph capture on a GPU) is called once at construction for every batch
+    size; if the largest do not fit, the Detector keeps the size that did as its first slice."""
+    from cxrkit.backends import register_backend
+    from cxrkit.backends.onnxruntime_runner import OnnxRuntimeRunner
+
+    prepared: list[list[int]] = []
+
+    class TightRunner(OnnxRuntimeRunner):
+        name = "tight-test"
+
+        def _prepare_impl(self, batch_sizes):
+            prepared.append(list(batch_sizes))
+            if max(batch_sizes) > 2:
+                raise OutOfMemoryError(f"capture for batch {max(batch_sizes)} does not fit")
+
+    from cxrkit.backends.base import BACKENDS
+
+    register_backend("tight-test", lambda: TightRunner, lambda d, p: None)
+    items = _probe_inputs(5)
+    try:
+        with cxrkit.Detector.from_pretrained("cxr-probe", backend="tight-test", batch_size=8) as det:
+            assert prepared == [list(range(1, 9)), [1, 2, 3, 4], [1, 2]]
+            assert det._inference.step == 2
+            calls = []
+            real = det.runner.infer
+            det.runner.infer = lambda b: calls.append(int(b.shape[0])) or real(b)
+            preds = det.predict(items)
+    finally:
+        BACKENDS.pop("tight-test", None)
+    assert calls == [2, 2, 1] and all(p.ok for p in preds)
+    with cxrkit.Detector.from_pretrained("cxr-probe", batch_size=8) as ref:
+        assert [p.to_dict()["findings"] for p in preds] == [p.to_dict()["findings"] for p in ref.predict(items)]
