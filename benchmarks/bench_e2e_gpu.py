@@ -163,7 +163,6 @@ def baseline_b(pkg: Path, jpegs: list[bytes], n: int) -> float:
     """torchvision.io.decode_jpeg(device='cuda') + torch eager fp16."""
     import torch
     import torch.nn.functional as F
-    import torchvision
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from cxrkit.models import load_model_package
@@ -211,7 +210,6 @@ def cxrkit_e2e(pkg: Path, jpegs: list[bytes], n: int, batch: int, compile_: bool
 
 
 def latency_b1(pkg: Path, jpegs: list[bytes], reps: int) -> dict:
-    import torch
 
     from cxrkit import Detector
 

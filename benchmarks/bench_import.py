@@ -43,12 +43,12 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from run_report import cpu_model  # benchmarks/ is this script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,14 +60,6 @@ HEAD = ("cxrkit/classifier", "cxrkit/cam")  # cxrkit.convert.HEAD_NODES
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def nih14_split(n_calib: int, n_hold: int, n_e2e: int) -> tuple[list[str], list[str], list[str], list[str], dict]:
@@ -378,9 +370,9 @@ def main(argv=None) -> int:
               f"import {info['import_s']} s, quantize {info['quantize_s']} s")
     if a.prepare_only:
         return 0
-    print(f"# {_cpu()}, {threads} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"# {cpu_model()}, {threads} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.2f}")
-    results: dict = {"cpu": _cpu(), "cores": threads, "prepared": prepared, "model": {}, "e2e": {}}
+    results: dict = {"cpu": cpu_model(), "cores": threads, "prepared": prepared, "model": {}, "e2e": {}}
     for s in sizes:
         pkg = load_model_package(prepared[s]["root"])
         pre = Preprocessor(pkg.card.input_hw, pkg.card.mean, pkg.card.std, fit=pkg.card.fit)

@@ -25,25 +25,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from run_report import cpu_model  # benchmarks/ is this script's folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _isa() -> str:
@@ -271,7 +263,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import onnxruntime as ort
 
-    print(f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores, {_isa()}), onnxruntime {ort.__version__}, "
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, {_isa()}), onnxruntime {ort.__version__}, "
           f"{a.threads} threads, batch {a.batch}, {a.size}x{a.size}")
     with tempfile.TemporaryDirectory() as d:
         for arch in a.models.split(","):

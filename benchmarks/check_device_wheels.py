@@ -37,7 +37,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import tempfile
 from dataclasses import dataclass, field

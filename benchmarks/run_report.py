@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "benchmarks" / "reports"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for benchmark headers and reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -63,7 +64,7 @@ def _versions() -> dict[str, str]:
 
 def machine() -> dict[str, Any]:
     return {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gib": _mem_gib(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": _mem_gib(),
         "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
     }

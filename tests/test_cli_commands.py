@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cxrkit.cli import main
 from probe_images import PROBE_LABELS, Square, encode, render

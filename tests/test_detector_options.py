@@ -8,7 +8,6 @@ its exact outputs.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cxrkit
-from probe_images import PROBE_LABELS, encode, random_squares, render
+from probe_images import encode, random_squares, render
 
 pytestmark = pytest.mark.gpu
 

@@ -135,7 +135,6 @@ def test_rebuild_flag_and_empty_build(tmp_path):
 
 def test_lock_serializes_threads(tmp_path):
     """Two threads asking for the same missing engine: one builds, the other waits and loads it."""
-    cache = EngineCache(tmp_path)
     calls = []
 
     def slow_build() -> bytes:

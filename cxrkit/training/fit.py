@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .loop import ema_update
+
 log = logging.getLogger(__name__)
 
 __all__ = ["masked_heatmap_focal_loss", "masked_bce", "fit", "predict_arrays"]
@@ -161,12 +163,7 @@ def fit(net: torch.nn.Module, samples, train_idx: Sequence[int], *, steps: int, 
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
         with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
-            for pe, pn in zip(ema.state_dict().values(), net.state_dict().values()):
-                if pe.dtype.is_floating_point:
-                    pe.mul_(d).add_(pn.detach(), alpha=1 - d)
-                else:
-                    pe.copy_(pn)
+            ema_update(ema, net, step, ema_decay)
         step += 1
         hist.append([round(l_heat.item(), 5), round(l_img.item(), 5)])
         if step % log_every == 0:

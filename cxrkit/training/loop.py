@@ -15,8 +15,19 @@ from ..eval import _ImageTruth, _Peaks, auroc, froc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["heatmap_focal_loss", "train", "forward_arrays", "local_peaks", "choose_operating_points"]
+__all__ = ["ema_update", "heatmap_focal_loss", "train", "forward_arrays", "local_peaks", "choose_operating_points"]
 
+
+
+def ema_update(ema, net, step: int, decay: float) -> None:
+    """One exponential-moving-average step of ``ema`` towards ``net`` (warm-up: the decay ramps up
+    as (1 + step) / (10 + step)); integer buffers (BatchNorm's counters) are copied. Call under no_grad."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pn in zip(ema.state_dict().values(), net.state_dict().values()):
+        if pe.dtype.is_floating_point:
+            pe.mul_(d).add_(pn.detach(), alpha=1 - d)
+        else:
+            pe.copy_(pn)
 
 def heatmap_focal_loss(z: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss on heatmap logits ``z`` (B, K, h, w); peaks are target == 1."""
@@ -79,12 +90,7 @@ def train(net: torch.nn.Module, stream, *, minutes: float, max_steps: int, batch
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
         with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
-            for pe, pn in zip(ema.state_dict().values(), net.state_dict().values()):
-                if pe.dtype.is_floating_point:
-                    pe.mul_(d).add_(pn.detach(), alpha=1 - d)
-                else:
-                    pe.copy_(pn)
+            ema_update(ema, net, step, ema_decay)
         step += 1
         seen += x.shape[0]
         hist.append((l_heat.item(), l_img.item()))
