@@ -97,6 +97,7 @@ class BatchColumns:
         ``offsets[r * K + k] : offsets[r * K + k + 1]`` of boxes_xyxy (N, 4), box_scores (N,) and
         points_xy (N, 2), all float32 in original image pixels and read-only.
     heatmaps: (B, K, h, w) float32 probabilities, or None.
+    index: ``{label: column}`` of ``labels``, when the caller already has it.
     """
 
     __slots__ = ("labels", "scores", "positive", "thresholds", "offsets", "boxes_xyxy", "box_scores", "points_xy",
@@ -104,7 +105,7 @@ class BatchColumns:
 
     def __init__(self, labels: tuple[str, ...], scores: np.ndarray, positive: np.ndarray, thresholds: list[float],
                  offsets: np.ndarray, boxes_xyxy: np.ndarray, box_scores: np.ndarray, points_xy: np.ndarray,
-                 heatmaps: np.ndarray | None = None) -> None:
+                 heatmaps: np.ndarray | None = None, index: dict[str, int] | None = None) -> None:
         B, K = scores.shape
         if len(labels) != K or positive.shape != (B, K) or len(thresholds) != K or offsets.shape != (B * K + 1,):
             raise ValueError(f"inconsistent columns: {K} labels, scores {scores.shape}, positive {positive.shape}, "
@@ -117,7 +118,8 @@ class BatchColumns:
         self.scores, self.positive, self.thresholds, self.offsets = scores, positive, thresholds, offsets
         self.boxes_xyxy, self.box_scores, self.points_xy = _ro(boxes_xyxy), _ro(box_scores), _ro(points_xy)
         self.heatmaps = heatmaps
-        self._index = {k: i for i, k in enumerate(self.labels)}
+        # label -> column; a Localizer passes its own (one dict for all its batches), never edited
+        self._index = index if index is not None else {k: i for i, k in enumerate(self.labels)}
         self._py: tuple | None = None  # python lists of scores, decisions, offsets (made on first use)
         self._json: tuple | None = None  # rounded box columns for to_dict (made on first use)
         self._finite: bool | None = None  # all_finite(), once

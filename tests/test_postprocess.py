@@ -86,7 +86,13 @@ def test_scalar_definitions_match():
     z = np.concatenate([rng.standard_normal(200_000) * s for s in (0.5, 5, 40)] + [[0, -0.0, 88.7, -88.7, -104, 104]])
     z = np.concatenate([z, [np.inf, -np.inf]]).astype(np.float32)
     np.testing.assert_array_equal(C._sigmoid(z).view(np.uint32), sigmoid_f32(z).view(np.uint32))
-    t = np.concatenate([rng.random(2000), [0, 1, 1e-30, 0.5]]).astype(np.float32)
+    # logit_floor brackets its answer around float(logit(t)) before bisecting: t near 0 and 1, subnormal
+    # t, and t that are sigmoid outputs themselves (the answer is the first z of a plateau of equal
+    # sigmoids, far from the logit where sigmoid saturates) must still give the smallest such z
+    t = np.concatenate([rng.random(2000), rng.random(200) * 1e-30, 1 - rng.random(200) * 1e-6,
+                        sigmoid_f32(rng.uniform(-110, 30, 2000).astype(np.float32)),
+                        [0, 1, 1e-30, 0.5, 1e-45, 1.2e-38, np.nextafter(np.float32(1), np.float32(0)),
+                         np.nextafter(np.float32(0), np.float32(1))]]).astype(np.float32)
     zt = C._logit_floor(t)
     assert (sigmoid_f32(zt) >= t).all()
     below = np.nextafter(zt, np.float32(-np.inf))
@@ -116,6 +122,27 @@ def test_cpu_matches_reference_all_configs(cfg):
     for name, z in case_maps(rng, (1, 3, 24, 41), np.float16):
         t = thresholds(rng, 3)
         assert_detections_equal(detect(z, t, cfg, impl="reference"), detect(z, t, cfg, impl="cpu"), f"{name} {cfg}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cpu_block_skip_finds_every_candidate(dtype):
+    """The C++ scan skips blocks of 16 cells below the threshold: one peak at every position of a block,
+    in the tail after the last whole block, at map edges; disabled maps (threshold 1.0: logit +inf) with
+    and without a +inf cell; maps of 1-16 cells (no whole block)."""
+    for h, w in [(7, 9), (4, 4), (1, 16), (3, 5), (1, 1), (9, 17)]:
+        n = h * w
+        z = np.full((1, n, h, w), -9.0, np.float32)  # map i: one peak at raster index i
+        z.reshape(1, n, n)[0, np.arange(n), np.arange(n)] = 2.0
+        t = np.full(n, 0.5, np.float32)
+        ref = detect(z.astype(dtype), t, LocalizeConfig(), impl="reference")
+        assert ref.counts.tolist() == [[1] * n]
+        assert_detections_equal(ref, detect(z.astype(dtype), t, LocalizeConfig(), impl="cpu"), f"{h}x{w}")
+        dead = z.copy()
+        dead[0, ::2] = np.where(dead[0, ::2] > 0, np.inf, dead[0, ::2])  # +inf peaks in the even maps
+        t1 = np.ones(n, np.float32)
+        ref = detect(dead.astype(dtype), t1, LocalizeConfig(), impl="reference")
+        assert ref.counts.tolist() == [[1 - i % 2 for i in range(n)]]
+        assert_detections_equal(ref, detect(dead.astype(dtype), t1, LocalizeConfig(), impl="cpu"), f"dead {h}x{w}")
 
 
 def test_cpu_overflow_many_candidates():

@@ -68,12 +68,45 @@ inline float sigmoid_f32(float z) {
 
 // Smallest non-NaN float z with sigmoid_f32(z) >= t (t <= 1). sigmoid_f32 is non-decreasing, so for
 // non-NaN z: sigmoid_f32(z) >= t  <=>  z >= logit_floor(t). Lets region tests compare logits only.
+// A bisection over the ordered floats in [lo, hi]; for 0 < t < 1 the bracket is first narrowed around
+// float(log(t / (1 - t))), where the answer lies within a few ulps (galloping outwards from it), so a
+// call costs ~4-8 sigmoid_f32 instead of 32. Same answer: the smallest z of a monotone predicate.
 inline float logit_floor(float t) {
-  uint32_t lo = float_to_ordered(-std::numeric_limits<float>::infinity());
-  uint32_t hi = float_to_ordered(std::numeric_limits<float>::infinity());  // sigmoid(+inf) = 1 >= t
+  const uint32_t lowest = float_to_ordered(-std::numeric_limits<float>::infinity());
+  const uint32_t highest = float_to_ordered(std::numeric_limits<float>::infinity());  // sigmoid(+inf) = 1 >= t
+  uint32_t lo = lowest, hi = highest;  // the answer lies in [lo, hi]
+  auto pred = [t](uint32_t o) { return sigmoid_f32(ordered_to_float(o)) >= t; };
+  if (t > 0.0f && t < 1.0f) {
+    const double td = static_cast<double>(t);
+    const uint32_t g = float_to_ordered(static_cast<float>(std::log(td / (1.0 - td))));
+    uint32_t step = 1;
+    if (pred(g)) {  // the answer is <= g: gallop down to a z below it
+      hi = g;
+      while (hi - lowest > step) {
+        const uint32_t c = hi - step;
+        if (!pred(c)) {
+          lo = c + 1;
+          break;
+        }
+        hi = c;
+        step *= 2;
+      }
+    } else {  // the answer is > g: gallop up to a z at or above it
+      lo = g + 1;
+      while (highest - lo > step) {
+        const uint32_t c = lo + step;
+        if (pred(c)) {
+          hi = c;
+          break;
+        }
+        lo = c + 1;
+        step *= 2;
+      }
+    }
+  }
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo) / 2;
-    if (sigmoid_f32(ordered_to_float(mid)) >= t) {
+    if (pred(mid)) {
       hi = mid;
     } else {
       lo = mid + 1;

@@ -1,7 +1,9 @@
 """Stage 4, localize: one batch's network outputs -> :class:`~cxrkit.results.BatchColumns`.
 
 Heatmap peaks, regions and boxes come from :func:`cxrkit.postprocess.detect` (C++ on the host,
-CUDA on a GPU), brought to the host with the logits in one transfer (:func:`to_host`). Everything
+CUDA on a GPU), brought to the host with the logits in one transfer (:func:`to_host`); numpy
+heatmaps (CPU runners) go to the C++ kernel directly, with the thresholds' logits made once per
+Localizer instead of once per batch (``detect``'s dispatch is ~15 µs, a batch of one ~10). Everything
 after that is a handful of numpy operations per batch, none per finding: scores and decisions as
 (B, K) arrays; the kept peaks of the reported findings gathered into flat arrays in (image,
 finding, peak) order; mapped back to original pixels through each image's letterbox transform
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import LocalizeConfig
+from ..errors import CxrkitError
 from ..results import BatchColumns
 
 __all__ = ["Localizer", "sigmoid", "to_numpy", "map_to_source"]
@@ -23,8 +26,10 @@ __all__ = ["Localizer", "sigmoid", "to_numpy", "map_to_source"]
 
 def sigmoid(x: Any) -> np.ndarray:
     """float32 ``1 / (1 + exp(-x))`` (numpy float32 exp), as the Detector has always computed scores."""
-    x = np.asarray(x, np.float32)
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    out = np.negative(np.asarray(x, np.float32))  # -x, a new float32 array; then each step in place
+    np.exp(out, out=out)
+    np.add(out, np.float32(1.0), out=out)
+    return np.divide(np.float32(1.0), out, out=out)
 
 
 def to_numpy(a: Any) -> np.ndarray:
@@ -60,11 +65,9 @@ def map_to_source(xy: np.ndarray, rows: np.ndarray, transforms: "Sequence[Any] |
     ``transforms``: the images' transforms, or their ``_geometry``."""
     geo = transforms if isinstance(transforms, np.ndarray) else _geometry(transforms)
     g = geo[rows]  # (N, 6)
-    out = np.empty_like(xy)
-    np.divide(xy[:, 0] - g[:, 0], g[:, 2], out=out[:, 0])
-    np.divide(xy[:, 1] - g[:, 1], g[:, 3], out=out[:, 1])
-    np.clip(out[:, 0], 0.0, g[:, 4], out=out[:, 0])
-    np.clip(out[:, 1], 0.0, g[:, 5], out=out[:, 1])
+    out = np.subtract(xy, g[:, 0:2])  # x - left, y - top
+    np.divide(out, g[:, 2:4], out=out)  # / scale x, / scale y
+    np.clip(out, 0.0, g[:, 4:6], out=out)  # to [0, width], [0, height]
     return out.astype(np.float32)
 
 
@@ -80,55 +83,74 @@ class Localizer:
         self.heat_thresholds = card.heatmap_thresholds  # (K,)
         self.enabled = np.asarray(card.enabled, bool)  # (K,)
         self.stride = float(card.heatmap_stride)
-        # maps whose peak threshold is >= 1 (a disabled finding's 2.0): their threshold logit is +inf,
-        # so only a +inf cell could be a peak there; on the host they are not searched unless a batch
-        # holds such a cell (cxr29-demo: 20 of 29 maps, ~40% of the C++ kernel's time)
-        never = np.asarray(self.heat_thresholds, np.float32) >= 1.0
-        self.dead = np.flatnonzero(never)
-        self.live = np.flatnonzero(~never)
+        self.index = {k: i for i, k in enumerate(self.labels)}  # shared by every batch's columns
+        # Host heatmaps (numpy) go straight to the C++ kernel with what detect() would derive per
+        # call computed here once: the thresholds' logits and the kernel's float32 parameters. A
+        # disabled finding's map (peak threshold 2.0, logit +inf) costs the kernel one vector scan.
+        self._host = None
+        try:
+            from ..kernels import cpu_module
+            from ..postprocess import logit_thresholds
+
+            t_logit = np.ascontiguousarray(logit_thresholds(self.heat_thresholds), np.float32)  # (K,)
+            self._host = (cpu_module().localize, t_logit, int(cfg.max_peaks), float(np.float32(cfg.region_fraction)),
+                          int(cfg.max_extent), float(np.float32(cfg.iou_threshold)))
+        except (ImportError, ValueError, CxrkitError):  # no cxrkit._C, or thresholds detect() refuses per batch
+            self._host = None
+
+    def _detect_host(self, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(counts, scores, points, boxes) of C-contiguous float32 / float16 numpy maps (what
+        ``detect(heat, impl="cpu", num_threads=1)`` returns), else None."""
+        if (self._host is None or heat.dtype not in (np.float32, np.float16) or heat.ndim != 4
+                or heat.shape[1] != len(self.labels) or not heat.flags.c_contiguous):
+            return None
+        fn, t_logit, max_peaks, fraction, extent, iou = self._host
+        # one host thread: the maps of a batch take a few µs per image, less than starting threads
+        # (and the prefetch thread is preprocessing the next batch on the other cores meanwhile)
+        return fn(heat, t_logit, max_peaks, fraction, extent, iou, 1)
+
+    def _kept(self, shown: np.ndarray, scores: np.ndarray, points: np.ndarray, boxes: np.ndarray,
+              transforms: Sequence[Any], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The n reported peaks, (image, finding, peak) order: boxes (n, 4), points (n, 2) in source
+        pixels (both mapped in one call) and their scores (n,), from the kernel's (B, K, M, ...) slots."""
+        B, M = shown.shape[0], scores.shape[2]
+        keep = (np.arange(M) < shown.reshape(-1, 1)).reshape(-1)  # (B * K * M,) the first shown[b, k] slots
+        rows = np.repeat(np.arange(B), shown.sum(axis=1))  # (n,) image of each kept peak
+        xy = np.empty((3 * n, 2), np.float64)  # 2n box corners, then n points, in model-input cells
+        xy[:2 * n] = boxes.reshape(-1, 4)[keep].reshape(-1, 2)
+        pts = xy[2 * n:]
+        pts[:] = points.reshape(-1, 2)[keep]
+        pts += 0.5  # a cell's centre
+        xy *= self.stride  # model-input pixels
+        src = map_to_source(xy, np.concatenate((np.repeat(rows, 2), rows)), _geometry(transforms))  # (3n, 2)
+        return (src[:2 * n].reshape(-1, 4), src[2 * n:], np.ascontiguousarray(scores.reshape(-1)[keep], np.float32))
 
     def __call__(self, out: dict[str, Any], transforms: Sequence[Any], return_heatmaps: bool) -> BatchColumns:
-        from ..postprocess import detect
-
         heat = out["heatmaps"]  # (B, K, h, w), numpy or device array
         B, K = heat.shape[:2]
-        maps = None  # the finding indices detect() searched (None: all K)
-        if isinstance(heat, np.ndarray) and self.dead.size and self.live.size and heat.max() < np.inf:
-            maps = self.live  # no +inf (nor NaN) anywhere: the dead maps cannot hold a peak
-        # one host thread: the maps of a batch take ~20 µs per image, less than starting threads (and
-        # the prefetch thread is preprocessing the next batch on the other cores meanwhile)
-        if maps is None:
+        got = self._detect_host(heat) if type(heat) is np.ndarray else None
+        if got is not None:
+            counts, det_scores, det_points, det_boxes = got  # (B, K), (B, K, M), (B, K, M, 2), (B, K, M, 4)
+            logits = to_numpy(out["logits"]).astype(np.float32, copy=False)  # (B, K)
+        else:
+            from ..postprocess import detect
+
             det = detect(heat, self.heat_thresholds, self.cfg, num_threads=1)  # on the heatmaps' device
-        else:  # the live maps of every image as one (1, B * K', h, w) batch: a row gather, no strided copy
-            rows = (np.arange(B)[:, None] * K + maps[None, :]).reshape(-1)  # (B * K',)
-            live = heat.reshape(B * K, *heat.shape[2:])[rows][None]  # (1, B * K', h, w)
-            det = detect(live, np.tile(self.heat_thresholds[maps], B), self.cfg, num_threads=1)
-        logits, det = _to_host(out["logits"], det)  # (B, K) float32 + Detections of numpy arrays
+            logits, det = _to_host(out["logits"], det)  # (B, K) float32 + Detections of numpy arrays
+            counts, det_scores, det_points, det_boxes = (np.asarray(a) for a in (det.counts, det.scores, det.points,
+                                                                                  det.boxes))
         probs = sigmoid(logits)  # (B, K)
         positive = (probs >= self.thresholds) & self.enabled  # (B, K)
-        if maps is None:
-            counts = np.asarray(det.counts)  # (B, K)
-        else:
-            counts = np.zeros((B, K), np.int32)
-            counts[:, maps] = np.asarray(det.counts).reshape(B, len(maps))
         shown = counts if self.report_all else np.where(positive, counts, 0)  # (B, K) peaks reported
-        offsets = np.zeros(B * K + 1, np.int64)
-        np.cumsum(shown.reshape(-1), out=offsets[1:])
+        offsets = np.empty(B * K + 1, np.int64)
+        offsets[0] = 0
+        shown.reshape(-1).cumsum(out=offsets[1:])
         n = int(offsets[-1])
         if n:
-            M = det.scores.shape[2]
-            searched = shown if maps is None else shown[:, maps]  # the dead maps add no peaks in between
-            keep = (np.arange(M) < searched[:, :, None]).reshape(det.counts.shape + (M,))  # (image, finding, peak)
-            rows = np.repeat(np.arange(B), shown.sum(axis=1))  # (n,) image of each kept peak
-            s, geo = self.stride, _geometry(transforms)
-            boxes = map_to_source(np.asarray(det.boxes)[keep].astype(np.float64).reshape(-1, 2) * s,
-                                  np.repeat(rows, 2), geo).reshape(-1, 4)  # (n, 4)
-            points = map_to_source((np.asarray(det.points)[keep].astype(np.float64) + 0.5) * s, rows,
-                                   geo)  # (n, 2)
-            box_scores = np.ascontiguousarray(np.asarray(det.scores)[keep], np.float32)  # (n,)
+            boxes, points, box_scores = self._kept(shown, det_scores, det_points, det_boxes, transforms, n)
         else:
             boxes, points, box_scores = (np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32),
                                          np.zeros((0,), np.float32))
         heatmaps = sigmoid(to_numpy(heat)) if return_heatmaps else None  # (B, K, h, w)
         return BatchColumns(self.labels, probs, positive, self.threshold_list, offsets, boxes, box_scores,
-                            points, heatmaps)
+                            points, heatmaps, index=self.index)

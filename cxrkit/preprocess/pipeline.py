@@ -34,6 +34,7 @@ JPEG if its tolerance is acceptable.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io as _io
 import logging
@@ -493,7 +494,8 @@ class Preprocessor:
         t0 = time.perf_counter()
         H, W = self.input_hw
         whole = np.empty((len(images), 1, H, W), dtype=np.float32)  # (N, 1, H, W)
-        with blas_single_thread():
+        # the C++ resize and normalisation (fast_resize) call no BLAS: nothing to hold to one thread
+        with contextlib.nullcontext() if self.fast_resize else blas_single_thread():
             if len(images) <= 1 or self.num_threads <= 1:
                 done = [self._numpy_one(pos, img, whole[pos]) for pos, img in enumerate(images)]
             else:

@@ -208,6 +208,25 @@ def _normalize_in_place(src: np.ndarray, lo: float, hi: float, mean: float, std:
     return out
 
 
+def _normalize_fast(src: np.ndarray, lo: float, hi: float, mean: float, std: float,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`_normalize_in_place` in one pass of the C++ kernel (``cxrkit._C.normalize_u8`` /
+    ``normalize_u16``: the same float32 steps, bit for bit, tests/test_preprocess_fast.py); the numpy
+    version when _C is not built."""
+    try:
+        from cxrkit import _C
+    except ImportError:
+        return _normalize_in_place(src, lo, hi, mean, std, out)
+    fn = _C.normalize_u8 if src.dtype == np.uint8 else _C.normalize_u16 if src.dtype == np.uint16 else None
+    if fn is None:
+        return _normalize_in_place(src, lo, hi, mean, std, out)
+    if out is None:
+        out = np.empty((1,) + src.shape, np.float32)  # (1, H, W)
+    # the constants numpy's version uses: each a float32 (hi - lo rounded from float64 once)
+    fn(src, float(np.float32(lo)), float(np.float32(hi - lo)), float(np.float32(mean)), float(np.float32(std)), out)
+    return out
+
+
 def _divide(o: np.ndarray, d: np.float32) -> None:
     """``o /= d`` in float32; by a power of two as a multiplication by its inverse, which is exact
     and gives the same bits (both round the same exact quotient once), at a fraction of the cost."""
@@ -253,7 +272,7 @@ def preprocess_reference(
     if out is not None and (out.shape != (1, H, W) or out.dtype != np.float32 or not out.flags.c_contiguous):
         raise ValueError(f"out must be a C-contiguous (1, {H}, {W}) float32 array, got {out.shape} {out.dtype}")
     if fast and extent_hw is None and (nh, nw) == (H, W) == pixels.shape and pixels.dtype in (np.uint8, np.uint16):
-        return _normalize_in_place(src, lo, hi, mean, std, out), t  # an image of the input's size: no resize
+        return _normalize_fast(src, lo, hi, mean, std, out), t  # an image of the input's size: no resize
     resize = resize_linear_aa_fast if fast else resize_linear_aa
     resized = resize(src, (nh, nw), extent_hw)  # (nh, nw) float32, source units
     unit = (resized - np.float32(lo)) / np.float32(hi - lo)  # (nh, nw) in [0, 1]
