@@ -109,21 +109,24 @@ class Localizer:
         # (and the prefetch thread is preprocessing the next batch on the other cores meanwhile)
         return fn(heat, t_logit, max_peaks, fraction, extent, iou, 1)
 
-    def _kept(self, shown: np.ndarray, scores: np.ndarray, points: np.ndarray, boxes: np.ndarray,
-              transforms: Sequence[Any], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The n reported peaks, (image, finding, peak) order: boxes (n, 4), points (n, 2) in source
-        pixels (both mapped in one call) and their scores (n,), from the kernel's (B, K, M, ...) slots."""
-        B, M = shown.shape[0], scores.shape[2]
-        keep = (np.arange(M) < shown.reshape(-1, 1)).reshape(-1)  # (B * K * M,) the first shown[b, k] slots
-        rows = np.repeat(np.arange(B), shown.sum(axis=1))  # (n,) image of each kept peak
+    def _kept(self, shown: np.ndarray, offsets: np.ndarray, scores: np.ndarray, points: np.ndarray,
+              boxes: np.ndarray, transforms: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The reported peaks, (image, finding, peak) order: boxes (n, 4), points (n, 2) in source
+        pixels (both mapped in one call) and their scores (n,), gathered from the kernel's (B, K, M, ...)
+        slots by index (the first shown[b, k] slots of each (b, k))."""
+        K, M = shown.shape[1], scores.shape[2]
+        n = int(offsets[-1])
+        g = np.repeat(np.arange(shown.size), shown.reshape(-1))  # (n,) (image, finding) of each peak
+        slot = g * M + (np.arange(n) - offsets[g])  # (n,) its slot among the B * K * M
+        rows = g // K  # (n,) its image
         xy = np.empty((3 * n, 2), np.float64)  # 2n box corners, then n points, in model-input cells
-        xy[:2 * n] = boxes.reshape(-1, 4)[keep].reshape(-1, 2)
+        xy[:2 * n] = boxes.reshape(-1, 4)[slot].reshape(-1, 2)
         pts = xy[2 * n:]
-        pts[:] = points.reshape(-1, 2)[keep]
+        pts[:] = points.reshape(-1, 2)[slot]
         pts += 0.5  # a cell's centre
         xy *= self.stride  # model-input pixels
         src = map_to_source(xy, np.concatenate((np.repeat(rows, 2), rows)), _geometry(transforms))  # (3n, 2)
-        return (src[:2 * n].reshape(-1, 4), src[2 * n:], np.ascontiguousarray(scores.reshape(-1)[keep], np.float32))
+        return src[:2 * n].reshape(-1, 4), src[2 * n:], scores.reshape(-1)[slot].astype(np.float32, copy=False)
 
     def __call__(self, out: dict[str, Any], transforms: Sequence[Any], return_heatmaps: bool) -> BatchColumns:
         heat = out["heatmaps"]  # (B, K, h, w), numpy or device array
@@ -147,7 +150,7 @@ class Localizer:
         shown.reshape(-1).cumsum(out=offsets[1:])
         n = int(offsets[-1])
         if n:
-            boxes, points, box_scores = self._kept(shown, det_scores, det_points, det_boxes, transforms, n)
+            boxes, points, box_scores = self._kept(shown, offsets, det_scores, det_points, det_boxes, transforms)
         else:
             boxes, points, box_scores = (np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32),
                                          np.zeros((0,), np.float32))

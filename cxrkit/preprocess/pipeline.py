@@ -487,6 +487,14 @@ class Preprocessor:
         except ValueError as e:
             return pos, InputError(img.source, str(e))
 
+    def _at_input_size(self, img: Any) -> bool:
+        """uint8 / uint16 pixels of exactly the input size, on the native path: their preprocessing is
+        one C++ pass of ~10 µs (no decode, no resize), less than handing them to the pool's threads
+        costs (measured on 2 cores: 60 vs 76 CPU µs per image for a batch of 64 256² arrays)."""
+        px = img.pixels
+        return (self.fast_resize and px is not None and px.shape == self.input_hw
+                and (px.dtype == np.uint8 or px.dtype == np.uint16))
+
     def _run_numpy(self, images, outputs, transforms, errors, timings) -> np.ndarray:
         """The reference, one image per thread (Pillow decode and numpy's matmul release the GIL),
         numpy's BLAS kept to one thread meanwhile (see _blas.py). Each image is written into its
@@ -496,7 +504,7 @@ class Preprocessor:
         whole = np.empty((len(images), 1, H, W), dtype=np.float32)  # (N, 1, H, W)
         # the C++ resize and normalisation (fast_resize) call no BLAS: nothing to hold to one thread
         with contextlib.nullcontext() if self.fast_resize else blas_single_thread():
-            if len(images) <= 1 or self.num_threads <= 1:
+            if len(images) <= 1 or self.num_threads <= 1 or all(self._at_input_size(img) for img in images):
                 done = [self._numpy_one(pos, img, whole[pos]) for pos, img in enumerate(images)]
             else:
                 done = list(self._executor().map(self._numpy_one, range(len(images)), images, whole))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -155,7 +156,18 @@ def check_value_range(value_range: tuple[float, float], source: str = "") -> tup
     return lo, hi
 
 
+_BOUNDS: dict[np.dtype, tuple[float, float] | None] = {}  # np.iinfo + issubdtype: ~3 µs a call
+
+
 def _dtype_bounds(dtype: np.dtype) -> tuple[float, float] | None:
+    try:
+        return _BOUNDS[dtype]
+    except KeyError:
+        b = _BOUNDS[dtype] = _dtype_bounds_uncached(dtype)
+        return b
+
+
+def _dtype_bounds_uncached(dtype: np.dtype) -> tuple[float, float] | None:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return float(info.min), float(info.max)
@@ -213,18 +225,23 @@ def _normalize_fast(src: np.ndarray, lo: float, hi: float, mean: float, std: flo
     """:func:`_normalize_in_place` in one pass of the C++ kernel (``cxrkit._C.normalize_u8`` /
     ``normalize_u16``: the same float32 steps, bit for bit, tests/test_preprocess_fast.py); the numpy
     version when _C is not built."""
-    try:
-        from cxrkit import _C
-    except ImportError:
-        return _normalize_in_place(src, lo, hi, mean, std, out)
-    fn = _C.normalize_u8 if src.dtype == np.uint8 else _C.normalize_u16 if src.dtype == np.uint16 else None
-    if fn is None:
+    fn = _native_normalize().get(src.dtype)
+    if fn is None:  # no cxrkit._C, or not uint8 / uint16
         return _normalize_in_place(src, lo, hi, mean, std, out)
     if out is None:
         out = np.empty((1,) + src.shape, np.float32)  # (1, H, W)
     # the constants numpy's version uses: each a float32 (hi - lo rounded from float64 once)
     fn(src, float(np.float32(lo)), float(np.float32(hi - lo)), float(np.float32(mean)), float(np.float32(std)), out)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _native_normalize() -> dict[np.dtype, Any]:
+    try:
+        from cxrkit import _C
+    except ImportError:
+        return {}
+    return {np.dtype(np.uint8): _C.normalize_u8, np.dtype(np.uint16): _C.normalize_u16}
 
 
 def _divide(o: np.ndarray, d: np.float32) -> None:
