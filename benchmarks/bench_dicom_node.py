@@ -21,6 +21,7 @@ queueing, no network), which neither can beat. Every node run checks that every 
 UID is in the journal as done (nothing lost).
 
     python benchmarks/bench_dicom_node.py --images 200 --clients 1,4 --size 1024 --outputs none,sr,sr+gsps+sc
+    python benchmarks/bench_dicom_node.py --clients 1,4 --outputs none --receivers thread,process
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def run_baseline(bd: BatchingDetector, folders: Sequence[Sequence[Path]], kinds:
 
 
 def run_node(bd: BatchingDetector, folders: Sequence[Sequence[Path]], kinds: tuple[str, ...], tmp: Path,
-             max_queue: int) -> tuple[float, dict[str, Any]]:
+             max_queue: int, receiver: str = "thread") -> tuple[float, dict[str, Any]]:
     from cxrkit.dicom import DicomNode
 
     storescu = dcmtk("storescu")
@@ -167,7 +168,8 @@ def run_node(bd: BatchingDetector, folders: Sequence[Sequence[Path]], kinds: tup
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         forward = [f"127.0.0.1:{port}:STORESCP"]
-    node = DicomNode(bd, host="127.0.0.1", port=0, outputs=kinds, forward=forward, max_queue=max_queue).start()
+    node = DicomNode(bd, host="127.0.0.1", port=0, outputs=kinds, forward=forward, max_queue=max_queue,
+                     receiver=receiver).start()
     try:
         t0 = time.perf_counter()
         procs = [subprocess.Popen([storescu, "+sd", "-aet", f"SCU{c}", "-aec", "CXRKIT", "127.0.0.1", str(node.port),
@@ -225,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--outputs", default="none,sr+gsps+sc", help="comma-separated runs; each a '+'-joined set of "
                     "sr/gsps/sc, or 'none'")
+    ap.add_argument("--receivers", default="thread", help="comma-separated DicomNode receivers to run: thread "
+                    "(pynetdicom in the detector's process), process (pynetdicom in a process of its own)")
+    ap.add_argument("--repeat", type=int, default=1, help="passes of baseline and node runs, interleaved; medians")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     import logging
@@ -243,23 +248,42 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"12-bit uncompressed, model {a.model}, max_batch {a.max_batch}, max_delay_ms {a.max_delay_ms:g}")
         print(f"floor    Detector.predict on read images, batches of {a.max_batch}: {floor:7.1f} img/s")
         results: dict[str, Any] = {"images": n, "size": a.size, "model": a.model, "floor_img_s": floor, "runs": []}
+        receivers = a.receivers.split(",")
         for clients in client_counts:
             folders = split(all_files, clients, tmp / f"c{clients}")
-            base = run_baseline(bd, folders, ())
-            print(f"baseline BatchingDetector, {clients} client thread(s):         {base:7.1f} img/s")
             for kinds in runs:
                 label = "+".join(kinds) or "none"
-                inproc = run_baseline(bd, folders, kinds) if kinds else base
-                rate, stats = run_node(bd, folders, kinds, tmp, a.max_queue)
-                rel = rate / base
-                line = f"node     {clients} association(s), outputs={label:<11} {rate:7.1f} img/s  node/baseline {rel:5.2f}"
-                if kinds:
-                    line += f"  (in-process baseline+outputs {inproc:6.1f} img/s, node/in-process {rate / inproc:5.2f})"
-                print(line, flush=True)
-                results["runs"].append({"clients": clients, "outputs": label, "baseline_img_s": base, "node_img_s": rate,
-                                        "node_over_baseline": rel, "inprocess_img_s": inproc,
-                                        "node_over_inprocess": rate / inproc,
-                                        "journal": {k: v for k, v in stats.items() if isinstance(v, int)}})
+                bases: list[float] = []
+                inprocs: list[float] = []
+                nodes: dict[str, list[float]] = {r: [] for r in receivers}
+                stats: dict[str, dict[str, Any]] = {}
+                for rep in range(a.repeat):  # interleaved, so that drifts of a shared box hit all alike
+                    bases.append(run_baseline(bd, folders, ()))
+                    inprocs.append(run_baseline(bd, folders, kinds) if kinds else bases[-1])
+                    for receiver in receivers:
+                        rate, stats[receiver] = run_node(bd, folders, kinds, tmp, a.max_queue, receiver)
+                        nodes[receiver].append(rate)
+                    print(f"  pass {rep + 1}: baseline {bases[-1]:6.1f}" + (f", in-process {inprocs[-1]:6.1f}" if kinds else "")
+                          + "".join(f", node[{r}] {nodes[r][-1]:6.1f}" for r in receivers) + " img/s", flush=True)
+                base, inproc = float(np.median(bases)), float(np.median(inprocs))
+                print(f"baseline BatchingDetector, {clients} client thread(s):         {base:7.1f} img/s"
+                      + (f" (median of {a.repeat})" if a.repeat > 1 else ""))
+                for receiver in receivers:
+                    rate = float(np.median(nodes[receiver]))
+                    rel = rate / base
+                    line = (f"node     {clients} association(s), receiver={receiver:<7} outputs={label:<11} {rate:7.1f} img/s"
+                            f"  node/baseline {rel:5.2f}")
+                    if a.repeat > 1:
+                        line += f" (per pass {min(n / b for n, b in zip(nodes[receiver], bases)):.2f}-" \
+                                f"{max(n / b for n, b in zip(nodes[receiver], bases)):.2f})"
+                    if kinds:
+                        line += f"  (in-process baseline+outputs {inproc:6.1f} img/s, node/in-process {rate / inproc:5.2f})"
+                    print(line, flush=True)
+                    results["runs"].append({"clients": clients, "outputs": label, "receiver": receiver,
+                                            "baseline_img_s": base, "node_img_s": rate, "node_over_baseline": rel,
+                                            "inprocess_img_s": inproc, "node_over_inprocess": rate / inproc,
+                                            "passes": {"baseline": bases, "node": nodes[receiver]},
+                                            "journal": {k: v for k, v in stats[receiver].items() if isinstance(v, int)}})
         bd.close()
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=2))

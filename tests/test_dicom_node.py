@@ -100,8 +100,10 @@ def storescp(tmp_path: Path):
     proc.wait(10)
 
 
-def test_echo_and_bad_associations() -> None:
-    with DicomNode(SlowDetector(), host="127.0.0.1", port=0, outputs=(), allowed_calling_aets=["TESTSCU"]) as node:
+@pytest.mark.parametrize("receiver", ["thread", "process"])
+def test_echo_and_bad_associations(receiver: str) -> None:
+    with DicomNode(SlowDetector(), host="127.0.0.1", port=0, outputs=(), allowed_calling_aets=["TESTSCU"],
+                   receiver=receiver) as node:
         assoc = _scu(node.port)
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0x0000
@@ -117,10 +119,12 @@ def test_echo_and_bad_associations() -> None:
     assert node.journal.entries() == []  # associations, not instances: nothing to account for
 
 
-def test_dimse_statuses_and_the_journal(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("receiver", ["thread", "process"])
+def test_dimse_statuses_and_the_journal(tmp_path: Path, monkeypatch, receiver: str) -> None:
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)  # send a file's bytes unparsed
     slow = SlowDetector()
-    with DicomNode(slow, host="127.0.0.1", port=0, outputs=(), max_queue=1, queue_timeout_s=0.3) as node:
+    with DicomNode(slow, host="127.0.0.1", port=0, outputs=(), max_queue=1, queue_timeout_s=0.3,
+                   receiver=receiver, spool_dir=tmp_path / "spool") as node:
         assoc = _scu(node.port)
         ok = chest_dx()
         ct = chest_dx(SOPClassUID=CT, Modality="CT")
@@ -164,6 +168,8 @@ def test_dimse_statuses_and_the_journal(tmp_path: Path, monkeypatch) -> None:
     assert len(malformed) == 1 and malformed[0].error_type == "DecodeError"
     full = [e for e in entries if e.dimse_status == 0xA700]
     assert len(full) == 1 and "queue stayed full" in full[0].error
+    if receiver == "process":  # every spooled data set was deleted once read
+        assert list((tmp_path / "spool").iterdir()) == []
 
 
 def test_forwarding_failure_is_journaled_not_dropped(tmp_path: Path) -> None:
@@ -185,10 +191,11 @@ def test_forwarding_failure_is_journaled_not_dropped(tmp_path: Path) -> None:
     assert line["sop_instance_uid"] == ds.SOPInstanceUID and line["status"] == "failed"
 
 
-def test_stop_reports_unfinished_work() -> None:
+@pytest.mark.parametrize("receiver", ["thread", "process"])
+def test_stop_reports_unfinished_work(receiver: str) -> None:
     slow = SlowDetector()
     slow.release.clear()  # the detector never finishes on its own
-    node = DicomNode(slow, host="127.0.0.1", port=0, outputs=(), max_queue=8).start()
+    node = DicomNode(slow, host="127.0.0.1", port=0, outputs=(), max_queue=8, receiver=receiver).start()
     assoc = _scu(node.port)
     sent = [chest_dx() for _ in range(3)]
     assert [assoc.send_c_store(ds).Status for ds in sent] == [0, 0, 0]
@@ -293,7 +300,9 @@ def write_chest_series(folder: Path, n: int, size: int = 256, seed: int = 0) -> 
 
 
 @pytest.mark.slow
-def test_200_images_from_4_concurrent_storescu_associations(shared_data: Path, storescp, tmp_path: Path) -> None:
+@pytest.mark.parametrize("receiver", ["thread", "process"])
+def test_200_images_from_4_concurrent_storescu_associations(shared_data: Path, storescp, tmp_path: Path,
+                                                            receiver: str) -> None:
     scp_port, received = storescp
     dirs = [tmp_path / f"scu{k}" for k in range(4)]
     uids = [u for k, d in enumerate(dirs) for u in write_chest_series(d, 50, seed=k)]
@@ -301,7 +310,7 @@ def test_200_images_from_4_concurrent_storescu_associations(shared_data: Path, s
     exe = dcmtk("storescu")
     cfg = storescu_config(tmp_path / "scu.cfg")
     with DicomNode("cxr29-demo", host="127.0.0.1", port=0, forward=[f"127.0.0.1:{scp_port}:STORESCP"],
-                   max_queue=32) as node:
+                   max_queue=32, receiver=receiver) as node:
         procs = [subprocess.Popen([exe, *cfg, "+sd", "-aet", f"SCU{k}", "-aec", "CXRKIT", "127.0.0.1", str(node.port),
                                    str(d)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for k, d in enumerate(dirs)]

@@ -109,6 +109,12 @@ def add_node_parser(sub: Any, add_model_args: Any) -> argparse.ArgumentParser:
     p.add_argument("--allow-aet", action="append", default=[], metavar="AE",
                    help="accept associations only from these calling AE titles (repeatable)")
     p.add_argument("--uid-prefix", help="your organization's UID root for new UIDs, ending in '.'")
+    p.add_argument("--receiver", choices=("process", "thread"), default="process",
+                   help="where pynetdicom receives: 'process' (default: a process of its own that spools each data "
+                   "set to a file, keeping DICOM networking off the detector's GIL; faster, see "
+                   "benchmarks/RESULTS.md) or 'thread' (in the detector's process)")
+    p.add_argument("--spool", metavar="DIR", help="with --receiver process: the folder for received data sets "
+                   "(default: a temporary folder, removed at exit)")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="on shutdown, seconds to finish queued work before reporting it unfinished (default: 120)")
     p.set_defaults(fn=cmd_dicom_node)
@@ -127,7 +133,8 @@ def cmd_dicom_node(a: argparse.Namespace) -> int:
                      out_dir=a.out, strict=a.strict, max_queue=a.max_queue, queue_timeout_s=a.queue_timeout,
                      max_batch=a.batch_size, max_delay_ms=a.max_delay_ms, journal_path=a.journal,
                      uid_prefix=a.uid_prefix, allowed_calling_aets=a.allow_aet,
-                     forward_associations=a.forward_associations, device=a.device, backend=a.backend,
+                     forward_associations=a.forward_associations, receiver=a.receiver, spool_dir=a.spool,
+                     device=a.device, backend=a.backend,
                      precision=a.precision)
     stop = threading.Event()
 

@@ -22,6 +22,10 @@ Per received instance (pynetdicom association threads -> a worker pool -> the fo
    rejected, with the typed error; each end is logged. Nothing is dropped silently: if the node
    stops before an instance is finished, it is journaled as not processed, and ``stop`` says so.
 
+With ``receiver="process"`` (the default) the receiving side (pynetdicom, the checks of step 1, the DIMSE
+statuses) runs in a process of its own that spools each data set to a file (``spool_dir``) and
+hands it to this process for steps 2-3; see cxrkit.dicom.receiver for why and how.
+
 The node never processes its own outputs (Manufacturer "cxrkit" + a DERIVED image), so a PACS
 that routes everything back to it does not start a loop.
 """
@@ -43,7 +47,7 @@ from cxrkit.errors import (
     CxrkitError, DecodeError, DetectorClosedError, DicomNetworkError, InputError, UnsupportedFormatError,
 )
 
-__all__ = ["DicomNode", "Destination", "ShutdownReport", "PROCESSED_SOP_CLASSES"]
+__all__ = ["DicomNode", "Destination", "ShutdownReport", "PROCESSED_SOP_CLASSES", "RECEIVERS", "check_store"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ READABLE_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.203",  # JPEG 2000, HTJ2K
     "1.2.840.10008.1.2.5",  # RLE
 ]
+
+RECEIVERS = ("thread", "process")
 
 SUCCESS, SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = (
     0x0000, 0x0122, 0xA700, 0xA900, 0xC210)
@@ -97,6 +103,11 @@ class DicomNode:
         how long a C-STORE waits for room before it is answered 0xA700.
     allowed_calling_aets: if given, only these calling AE titles may associate.
     forward_associations: parallel associations per destination (a store waits for its answer).
+    receiver: "process" (pynetdicom in a spawned process of its own, data sets spooled to files in
+        ``spool_dir``, default a temporary folder removed by ``stop``; start the node under
+        ``if __name__ == "__main__":`` in a script, as the child imports the main module) or
+        "thread" (pynetdicom in this process); same checks, statuses and journal either way.
+        "process" is faster with one and with four associations (benchmarks/RESULTS.md).
     """
 
     def __init__(self, detector: Any = "cxr29-demo", *, ae_title: str = "CXRKIT", host: str = "0.0.0.0",
@@ -106,6 +117,7 @@ class DicomNode:
                  max_delay_ms: float = 20.0, workers: int | None = None, journal_path: "str | os.PathLike[str] | None" = None,
                  uid_prefix: str | None = None, sc_max_side: int = 2048, allowed_calling_aets: Sequence[str] = (),
                  max_associations: int = 16, forward_retries: int = 3, forward_associations: int = 4,
+                 receiver: str = "process", spool_dir: "str | os.PathLike[str] | None" = None,
                  **detector_kwargs: Any) -> None:
         from cxrkit.batching import BatchingDetector
         from cxrkit.dicom.outputs import OUTPUT_KINDS, require
@@ -121,6 +133,10 @@ class DicomNode:
             raise ValueError(f"AE title {ae_title!r} must be 1-16 ASCII characters")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if receiver not in RECEIVERS:
+            raise ValueError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
+        self.receiver = receiver
+        self.spool_dir = Path(spool_dir) if spool_dir else None
         self.ae_title = ae_title
         self.host, self._port = host, int(port)
         self.destinations = [Destination.parse(d) for d in forward]
@@ -147,7 +163,14 @@ class DicomNode:
         self.limits = getattr(inner, "limits", None)
         self.model = getattr(inner, "model", None)
         self.journal = Journal(journal_path)
-        self._slots = threading.BoundedSemaphore(self.max_queue)
+        if receiver == "process":  # taken by the receiver process, given back here when an instance is finished
+            from cxrkit.dicom.receiver import ProcessReceiver
+
+            self._slots: Any = ProcessReceiver.make_slots(self.max_queue)
+        else:
+            self._slots = threading.BoundedSemaphore(self.max_queue)
+        self._receiver: Any = None
+        self._own_spool: Path | None = None
         self._workers = ThreadPoolExecutor(workers or max(4, int(max_batch) + 2), thread_name_prefix="cxrkit-node")
         self._forwarders: list[Forwarder] = []
         self._accepting = False
@@ -158,6 +181,8 @@ class DicomNode:
     @property
     def port(self) -> int:
         """The TCP port it listens on (the one chosen when constructed with port 0)."""
+        if self._receiver is not None:
+            return int(self._receiver.port)
         return int(self._server.server_address[1]) if self._server is not None else self._port
 
     def start(self) -> "DicomNode":
@@ -168,6 +193,8 @@ class DicomNode:
             return self
         self._forwarders = [Forwarder(d, self.ae_title, OUTPUT_SOP_CLASSES, retries=self.forward_retries,
                                       associations=self.forward_associations) for d in self.destinations]
+        if self.receiver == "process":
+            return self._start_process_receiver()
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = True  # an association addressed to another AE title is rejected
         if self.allowed_calling_aets:
@@ -186,6 +213,42 @@ class DicomNode:
                  ",".join(self.outputs) or "nothing", ", ".join(map(str, self.destinations)) or "nobody")
         return self
 
+    def _start_process_receiver(self) -> "DicomNode":
+        import tempfile
+
+        from cxrkit.dicom.receiver import ProcessReceiver, _Config
+
+        if self.spool_dir is None:
+            self._own_spool = Path(tempfile.mkdtemp(prefix="cxrkit-node-spool-"))
+            spool = self._own_spool
+        else:
+            spool = self.spool_dir
+            spool.mkdir(parents=True, exist_ok=True)
+        cfg = _Config(ae_title=self.ae_title, host=self.host, port=self._port,
+                      allowed_calling_aets=self.allowed_calling_aets, max_associations=self.max_associations,
+                      max_queue=self.max_queue, queue_timeout_s=self.queue_timeout_s, spool=str(spool),
+                      log_level=logging.getLogger("pynetdicom").getEffectiveLevel())
+        receiver = ProcessReceiver(cfg, self._slots, self._on_spooled)
+        try:
+            receiver.start()
+        except BaseException:
+            self._remove_own_spool()
+            raise
+        self._receiver = receiver
+        self._server = receiver  # "started"
+        self._accepting = True
+        log.info("DICOM node %s listening on %s:%d (receiver process %s); forwarding %s to %s", self.ae_title,
+                 self.host, self.port, receiver.pid, ",".join(self.outputs) or "nothing",
+                 ", ".join(map(str, self.destinations)) or "nobody")
+        return self
+
+    def _remove_own_spool(self) -> None:
+        if self._own_spool is not None:
+            import shutil
+
+            shutil.rmtree(self._own_spool, ignore_errors=True)
+            self._own_spool = None
+
     def serve_forever(self, poll_s: float = 0.5) -> None:
         """Block until ``stop`` is called from another thread (or a signal handler)."""
         while self._server is not None and self._accepting:
@@ -196,7 +259,7 @@ class DicomNode:
         one); False at ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self.journal.open_count() == 0 and self._forward_pending() == 0:
+            if self.journal.open_count() == 0 and self._forward_pending() == 0 and self._receiver_pending() == 0:
                 last = self.journal.last_received()
                 if last is None or time.monotonic() - last >= quiet_s:
                     return True
@@ -213,7 +276,9 @@ class DicomNode:
         with self._lock:
             self._accepting = False
             server, self._server = self._server, None
-        if server is not None:
+        if server is not None and server is self._receiver:  # the child stops listening, lets open
+            self._receiver.stop(timeout_s=min(30.0, left() if left() is not None else 30.0))  # associations end
+        elif server is not None:
             server.shutdown()  # no new associations; open ones finish the exchange under way
             grace = time.monotonic() + min(5.0, left() if left() is not None else 5.0)
             while server.active_associations and time.monotonic() < grace:
@@ -233,6 +298,7 @@ class DicomNode:
             fw.close(timeout=left())
         if self._owns_bd:
             self._bd.close(drain=False, timeout=left())
+        self._remove_own_spool()  # what is left there was journaled as not processed
         report = ShutdownReport(finished=self.journal.finished_count(), unfinished=unfinished,
                                 forward_pending=pending)
         if unfinished:
@@ -260,6 +326,9 @@ class DicomNode:
 
     def _forward_pending(self) -> int:
         return sum(fw.pending() for fw in self._forwarders)
+
+    def _receiver_pending(self) -> int:
+        return self._receiver.pending() if self._receiver is not None else 0
 
     # -- DIMSE handlers (association threads) --------------------------------------------------
     def _on_echo(self, event: Any) -> int:
@@ -302,25 +371,38 @@ class DicomNode:
         return SUCCESS
 
     def _check(self, ds: Any, uid: str, ctx_class: str) -> "tuple[int, CxrkitError] | None":
-        sop_class = str(ds.get("SOPClassUID") or "")
-        if str(ds.get("SOPInstanceUID") or "") != uid or sop_class != ctx_class:
-            return DOES_NOT_MATCH, InputError(uid, (
-                f"the data set says SOP Class {sop_class or 'none'} / Instance {ds.get('SOPInstanceUID') or 'none'}, "
-                f"the request {ctx_class} / {uid}"))
-        if sop_class not in PROCESSED_SOP_CLASSES:
-            return SOP_CLASS_NOT_SUPPORTED, UnsupportedFormatError(uid, (
-                f"SOP Class {sop_class} ({_sop_name(sop_class)}) is not read by this node: it reads CR, DX and "
-                "Secondary Capture chest radiographs"))
-        if sop_class == SECONDARY_CAPTURE and str(ds.get("Modality") or "").upper() not in ("CR", "DX"):
-            return SOP_CLASS_NOT_SUPPORTED, UnsupportedFormatError(uid, (
-                f"a Secondary Capture with Modality {ds.get('Modality') or 'none'}: only captured CR/DX radiographs "
-                "are read"))
-        if _is_own_output(ds):
-            return SOP_CLASS_NOT_SUPPORTED, UnsupportedFormatError(uid, (
-                "this is an output of cxrkit (Manufacturer cxrkit, DERIVED): not analysed again"))
-        if "PixelData" not in ds or not int(ds.get("Rows") or 0) or not int(ds.get("Columns") or 0):
-            return DOES_NOT_MATCH, InputError(uid, "an image SOP Class without Pixel Data, Rows or Columns")
-        return None
+        return check_store(ds, uid, ctx_class)
+
+    # -- the receiver process's instances (its reader thread) ------------------------------------
+    def _on_spooled(self, msg: Any) -> None:
+        """One C-STORE the receiver process answered: journal it, and queue it if it was accepted
+        (its slot is already taken)."""
+        entry = self.journal.receive(msg.sop_instance_uid, msg.sop_class_uid, msg.calling_ae)
+        if msg.path is None:
+            self.journal.finish(entry, "rejected", error=msg.error, dimse_status=msg.dimse_status)
+            return
+        try:
+            self._workers.submit(self._process_spooled, msg.path, entry)
+        except RuntimeError as exc:  # the pool was shut down: the peer heard 0x0000, so say it was not processed
+            self._slots.release()
+            Path(msg.path).unlink(missing_ok=True)
+            self.journal.finish(entry, "not_processed", error=DetectorClosedError(f"the DICOM node is stopping: {exc}"))
+            return
+        self.journal.update(entry, status="queued")
+
+    def _process_spooled(self, path: str, entry: JournalEntry) -> None:
+        from pydicom import dcmread
+
+        try:
+            ds = dcmread(path)  # every element but deferred ones is in memory: the file can go
+        except Exception as exc:  # noqa: BLE001 - it was read once by the receiver: a disk problem
+            self._slots.release()
+            self.journal.finish(entry, "failed", error=DecodeError(entry.sop_instance_uid, (
+                f"the spooled data set {path} cannot be read back ({type(exc).__name__}: {exc})")))
+            return
+        finally:
+            Path(path).unlink(missing_ok=True)
+        self._process(ds, entry)
 
     def _reject(self, entry: JournalEntry, status: int, err: CxrkitError) -> Any:
         from pydicom import Dataset
@@ -404,6 +486,30 @@ class DicomNode:
         for fw in self._forwarders:
             fw.submit(datasets, lambda results, d=fw.dest: done(d, results))
         return True
+
+
+def check_store(ds: Any, uid: str, ctx_class: str) -> "tuple[int, CxrkitError] | None":
+    """What a C-STORE of ``ds`` (request: ``uid`` / ``ctx_class``) must be answered at once, as
+    (DIMSE status, typed error), or None when the node takes it (both receivers use this)."""
+    sop_class = str(ds.get("SOPClassUID") or "")
+    if str(ds.get("SOPInstanceUID") or "") != uid or sop_class != ctx_class:
+        return DOES_NOT_MATCH, InputError(uid, (
+            f"the data set says SOP Class {sop_class or 'none'} / Instance {ds.get('SOPInstanceUID') or 'none'}, "
+            f"the request {ctx_class} / {uid}"))
+    if sop_class not in PROCESSED_SOP_CLASSES:
+        return SOP_CLASS_NOT_SUPPORTED, UnsupportedFormatError(uid, (
+            f"SOP Class {sop_class} ({_sop_name(sop_class)}) is not read by this node: it reads CR, DX and "
+            "Secondary Capture chest radiographs"))
+    if sop_class == SECONDARY_CAPTURE and str(ds.get("Modality") or "").upper() not in ("CR", "DX"):
+        return SOP_CLASS_NOT_SUPPORTED, UnsupportedFormatError(uid, (
+            f"a Secondary Capture with Modality {ds.get('Modality') or 'none'}: only captured CR/DX radiographs "
+            "are read"))
+    if _is_own_output(ds):
+        return SOP_CLASS_NOT_SUPPORTED, UnsupportedFormatError(uid, (
+            "this is an output of cxrkit (Manufacturer cxrkit, DERIVED): not analysed again"))
+    if "PixelData" not in ds or not int(ds.get("Rows") or 0) or not int(ds.get("Columns") or 0):
+        return DOES_NOT_MATCH, InputError(uid, "an image SOP Class without Pixel Data, Rows or Columns")
+    return None
 
 
 def _peer(event: Any) -> str:
