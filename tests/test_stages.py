@@ -61,7 +61,8 @@ def _same_finding(a: Finding, b: Finding) -> None:
 @pytest.mark.parametrize("fit", FITS)
 @pytest.mark.parametrize("boxes", ["positive", "all"])
 @pytest.mark.parametrize("seed", range(4))
-def test_localizer_equals_the_per_finding_reference(fit, boxes, seed):
+@pytest.mark.parametrize("gather", ["C++", "numpy"])
+def test_localizer_equals_the_per_finding_reference(fit, boxes, seed, gather):
     rng = np.random.default_rng(seed)
     B, K = int(rng.integers(1, 9)), int(rng.integers(1, 12))
     card = _Card(K, rng)
@@ -76,7 +77,10 @@ def test_localizer_equals_the_per_finding_reference(fit, boxes, seed):
     out = {"logits": logits, "heatmaps": heat}
     tfs = _transforms(rng, B, fit)
     cfg = LocalizeConfig(max_peaks=int(rng.integers(1, 6)))
-    cols = Localizer(card, cfg, boxes)(out, tfs, return_heatmaps=True)
+    loc = Localizer(card, cfg, boxes)
+    if gather == "numpy":  # the gather of the reported peaks without cxrkit._C.gather_peaks
+        loc._gather = None
+    cols = loc(out, tfs, return_heatmaps=True)
     ref = findings_reference(card, cfg, boxes, out, tfs, return_heatmaps=True)
     assert len(cols) == B and cols.labels == card.labels
     for r in range(B):
@@ -88,6 +92,22 @@ def test_localizer_equals_the_per_finding_reference(fit, boxes, seed):
         p = _pred(view)
         assert p.to_dict()["findings"] == {k: f.to_dict() for k, f in ref[r]["findings"].items()}
         assert p.positive_findings == [k for k, f in ref[r]["findings"].items() if f.positive]
+
+
+def test_gather_peaks_refuses_counts_outside_the_slots():
+    C = pytest.importorskip("cxrkit._C")
+    B, K, M = 2, 3, 4
+    args = (np.zeros((B, K, M), np.float32), np.zeros((B, K, M, 2), np.int32), np.zeros((B, K, M, 4), np.float32),
+            np.ones((B, 6), np.float64), 8.0)
+    for bad in (M + 1, -1):
+        shown = np.zeros((B, K), np.int32)
+        shown[1, 2] = bad
+        with pytest.raises(ValueError, match="outside"):
+            C.gather_peaks(shown, *args)
+    with pytest.raises(ValueError, match="inconsistent"):
+        C.gather_peaks(np.zeros((B, K), np.int32), *args[:3], np.ones((B + 1, 6)), 8.0)
+    offsets, boxes, points, scores = C.gather_peaks(np.zeros((B, K), np.int32), *args)
+    assert offsets.tolist() == [0] * (B * K + 1) and boxes.shape == (0, 4) and points.shape == (0, 2) and scores.shape == (0,)
 
 
 @pytest.mark.parametrize("fit", FITS)

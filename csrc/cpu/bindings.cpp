@@ -104,12 +104,14 @@ py::array_t<float> logit_floor(py::array_t<float, py::array::c_style> t) {
 void bind_resize(py::module_& m);  // resize.cpp
 void bind_png(py::module_& m);  // png.cpp
 void bind_normalize(py::module_& m);  // normalize.cpp
+void bind_peaks(py::module_& m);  // peaks.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cxrkit CPU kernels (heatmap localization, batched NMS, antialiased resize, normalisation, PNG unfilter)";
   bind_resize(m);
   bind_png(m);
   bind_normalize(m);
+  bind_peaks(m);
   m.def("localize", &localize, py::arg("heat"), py::arg("t_logit"), py::arg("max_peaks"),
         py::arg("region_fraction"), py::arg("max_extent"), py::arg("iou_threshold"), py::arg("num_threads") = 0,
         "(B, K, h, w) float32/float16 logits -> (counts, scores, points, boxes); see cxrkit.postprocess.detect");

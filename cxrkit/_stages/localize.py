@@ -88,8 +88,11 @@ class Localizer:
         # call computed here once: the thresholds' logits and the kernel's float32 parameters. A
         # disabled finding's map (peak threshold 2.0, logit +inf) costs the kernel one vector scan.
         self._host = None
+        self._gather = None  # cxrkit._C.gather_peaks: _kept_numpy in one call
         try:
             from ..kernels import cpu_module
+
+            self._gather = getattr(cpu_module(), "gather_peaks", None)
             from ..postprocess import logit_thresholds
 
             t_logit = np.ascontiguousarray(logit_thresholds(self.heat_thresholds), np.float32)  # (K,)
@@ -109,13 +112,28 @@ class Localizer:
         # (and the prefetch thread is preprocessing the next batch on the other cores meanwhile)
         return fn(heat, t_logit, max_peaks, fraction, extent, iou, 1)
 
-    def _kept(self, shown: np.ndarray, offsets: np.ndarray, scores: np.ndarray, points: np.ndarray,
-              boxes: np.ndarray, transforms: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The reported peaks, (image, finding, peak) order: boxes (n, 4), points (n, 2) in source
-        pixels (both mapped in one call) and their scores (n,), gathered from the kernel's (B, K, M, ...)
-        slots by index (the first shown[b, k] slots of each (b, k))."""
-        K, M = shown.shape[1], scores.shape[2]
+    def _kept(self, shown: np.ndarray, scores: np.ndarray, points: np.ndarray, boxes: np.ndarray,
+              transforms: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """offsets (B * K + 1,) and the reported peaks in (image, finding, peak) order: boxes (n, 4)
+        and points (n, 2) in source pixels, their scores (n,); the first shown[b, k] of each (b, k)'s
+        slots. One C++ call (``cxrkit._C.gather_peaks``, the same float64 steps) or numpy."""
+        if self._gather is not None:
+            return self._gather(np.ascontiguousarray(shown, np.int32), np.ascontiguousarray(scores, np.float32),
+                                np.ascontiguousarray(points, np.int32), np.ascontiguousarray(boxes, np.float32),
+                                _geometry(transforms), self.stride)
+        return self._kept_numpy(shown, scores, points, boxes, transforms)
+
+    def _kept_numpy(self, shown: np.ndarray, scores: np.ndarray, points: np.ndarray, boxes: np.ndarray,
+                    transforms: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_kept` in numpy: the peaks gathered by slot index, boxes and points mapped in one call."""
+        B, K = shown.shape
+        offsets = np.empty(B * K + 1, np.int64)
+        offsets[0] = 0
+        shown.reshape(-1).cumsum(out=offsets[1:])
         n = int(offsets[-1])
+        if not n:
+            return offsets, np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32), np.zeros((0,), np.float32)
+        M = scores.shape[2]
         g = np.repeat(np.arange(shown.size), shown.reshape(-1))  # (n,) (image, finding) of each peak
         slot = g * M + (np.arange(n) - offsets[g])  # (n,) its slot among the B * K * M
         rows = g // K  # (n,) its image
@@ -126,11 +144,10 @@ class Localizer:
         pts += 0.5  # a cell's centre
         xy *= self.stride  # model-input pixels
         src = map_to_source(xy, np.concatenate((np.repeat(rows, 2), rows)), _geometry(transforms))  # (3n, 2)
-        return src[:2 * n].reshape(-1, 4), src[2 * n:], scores.reshape(-1)[slot].astype(np.float32, copy=False)
+        return offsets, src[:2 * n].reshape(-1, 4), src[2 * n:], scores.reshape(-1)[slot].astype(np.float32, copy=False)
 
     def __call__(self, out: dict[str, Any], transforms: Sequence[Any], return_heatmaps: bool) -> BatchColumns:
         heat = out["heatmaps"]  # (B, K, h, w), numpy or device array
-        B, K = heat.shape[:2]
         got = self._detect_host(heat) if type(heat) is np.ndarray else None
         if got is not None:
             counts, det_scores, det_points, det_boxes = got  # (B, K), (B, K, M), (B, K, M, 2), (B, K, M, 4)
@@ -145,15 +162,7 @@ class Localizer:
         probs = sigmoid(logits)  # (B, K)
         positive = (probs >= self.thresholds) & self.enabled  # (B, K)
         shown = counts if self.report_all else np.where(positive, counts, 0)  # (B, K) peaks reported
-        offsets = np.empty(B * K + 1, np.int64)
-        offsets[0] = 0
-        shown.reshape(-1).cumsum(out=offsets[1:])
-        n = int(offsets[-1])
-        if n:
-            boxes, points, box_scores = self._kept(shown, offsets, det_scores, det_points, det_boxes, transforms)
-        else:
-            boxes, points, box_scores = (np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32),
-                                         np.zeros((0,), np.float32))
+        offsets, boxes, points, box_scores = self._kept(shown, det_scores, det_points, det_boxes, transforms)
         heatmaps = sigmoid(to_numpy(heat)) if return_heatmaps else None  # (B, K, h, w)
         return BatchColumns(self.labels, probs, positive, self.threshold_list, offsets, boxes, box_scores,
                             points, heatmaps, index=self.index)
