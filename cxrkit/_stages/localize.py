@@ -117,7 +117,7 @@ class Localizer:
         """offsets (B * K + 1,) and the reported peaks in (image, finding, peak) order: boxes (n, 4)
         and points (n, 2) in source pixels, their scores (n,); the first shown[b, k] of each (b, k)'s
         slots. One C++ call (``cxrkit._C.gather_peaks``, the same float64 steps) or numpy."""
-        if self._gather is not None:
+        if self._gather is not None:  # (the kernel's arrays and np.where's are already these: no copies)
             return self._gather(np.ascontiguousarray(shown, np.int32), np.ascontiguousarray(scores, np.float32),
                                 np.ascontiguousarray(points, np.int32), np.ascontiguousarray(boxes, np.float32),
                                 _geometry(transforms), self.stride)
