@@ -153,3 +153,18 @@ def test_receiver_process_ends_when_the_node_is_killed(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_cli_exits_3_when_its_receiver_process_dies(tmp_path: Path) -> None:
+    port = free_port()
+    proc = _start_cli(tmp_path, port)
+    try:
+        _wait_echo(proc, port)
+        child, _ = _receiver_of(proc.pid)
+        os.kill(child, signal.SIGKILL)  # nothing can arrive any more: the node must not pretend to listen
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert "receiver process ended unexpectedly" in err

@@ -142,18 +142,22 @@ def cmd_dicom_node(a: argparse.Namespace) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    lost = False
     try:
         node.start()
         print(f"cxrkit dicom-node: {a.ae_title} listening on {a.host}:{node.port}; outputs "
               f"{','.join(a.outputs) or 'none'} -> {', '.join(a.forward) or '(no destination)'}; not for clinical use",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):
-            pass
-        print("cxrkit dicom-node: stopping; finishing queued work", file=sys.stderr, flush=True)
+            if not node.is_listening():  # the receiver process died: nothing arrives any more
+                lost = True
+                break
+        print("cxrkit dicom-node: " + ("the receiver process ended unexpectedly; " if lost else "") +
+              "stopping; finishing queued work", file=sys.stderr, flush=True)
     finally:
         report = node.stop(drain=True, timeout=a.drain_timeout)
         for s, h in old.items():
             signal.signal(s, h)
     print(json.dumps({"journal": node.journal.counts(), "unfinished": report.unfinished,
                       "forward_pending": report.forward_pending}))
-    return 0 if report.clean else 3
+    return 0 if report.clean and not lost else 3

@@ -249,9 +249,15 @@ class DicomNode:
             shutil.rmtree(self._own_spool, ignore_errors=True)
             self._own_spool = None
 
+    def is_listening(self) -> bool:
+        """True while started and not stopped, and (receiver "process") its receiver process lives."""
+        if self._receiver is not None:
+            return self._server is not None and self._receiver.alive()
+        return self._server is not None
+
     def serve_forever(self, poll_s: float = 0.5) -> None:
         """Block until ``stop`` is called from another thread (or a signal handler)."""
-        while self._server is not None and self._accepting:
+        while self._server is not None and self._accepting and self.is_listening():
             time.sleep(poll_s)
 
     def wait_idle(self, timeout: float | None = None, quiet_s: float = 0.0) -> bool:

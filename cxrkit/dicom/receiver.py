@@ -87,9 +87,12 @@ class ProcessReceiver:
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with ORT / detector threads
         self.slots = slots
         self._on_store = on_store
-        self._accepting = self._ctx.Event()
-        self._stop = self._ctx.Event()
-        self._sent = self._ctx.Value("q", 0)
+        # plain shared memory and pipes, no multiprocessing Event / locked Value: a child killed while
+        # it held their lock (waiting on an Event holds one) would hang the parent's next set()
+        self._accepting = self._ctx.RawValue("b", 1)  # written by the parent (and the stopping child)
+        self._sent = self._ctx.RawValue("q", 0)  # written by the child only
+        self._stopping = False
+        self._ctrl: Any = None
         self._got = 0
         self._got_lock = threading.Lock()
         self._proc: Any = None
@@ -103,11 +106,14 @@ class ProcessReceiver:
 
     def start(self, timeout_s: float = 60.0) -> int:
         recv_conn, send_conn = self._ctx.Pipe(duplex=False)
-        self._accepting.set()
+        ctrl_recv, ctrl_send = self._ctx.Pipe(duplex=False)  # parent -> child: "stop" (or EOF)
+        self._accepting.value = 1
         self._proc = self._ctx.Process(target=_serve, name="cxrkit-dicom-receiver", daemon=True,
-                                       args=(self.cfg, send_conn, self.slots, self._accepting, self._stop, self._sent))
+                                       args=(self.cfg, send_conn, ctrl_recv, self.slots, self._accepting, self._sent))
         self._proc.start()
         send_conn.close()  # the child holds the only write end: EOF here when it ends
+        ctrl_recv.close()
+        self._ctrl = ctrl_send
         self._conn = recv_conn
         if not recv_conn.poll(timeout_s):
             self._kill()
@@ -134,13 +140,19 @@ class ProcessReceiver:
         return self._proc.pid if self._proc is not None else None
 
     def pending(self) -> int:
-        """C-STOREs the child accounted for (or is answering) that the parent has not journaled yet."""
+        """C-STOREs the child accounted for (or is answering) that the parent has not journaled yet
+        (0 once the pipe is closed and read to its end: a child killed mid-message sent nothing more)."""
+        if self._reader is None or not self._reader.is_alive():
+            return 0
         with self._got_lock:
             return int(self._sent.value) - self._got
 
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
     def stop_accepting(self) -> None:
         """New C-STOREs on open associations get 0xA700 from now on."""
-        self._accepting.clear()
+        self._accepting.value = 0
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop listening; open associations get ``STOP_GRACE_S`` to finish, then are aborted;
@@ -148,7 +160,11 @@ class ProcessReceiver:
         if self._proc is None:
             return
         self.stop_accepting()
-        self._stop.set()
+        self._stopping = True
+        try:
+            self._ctrl.send("stop")
+        except OSError:  # the child is gone already
+            pass
         self._proc.join(STOP_GRACE_S + timeout_s)
         if self._proc.is_alive():
             log.error("the DICOM receiver process %d did not stop in %g s: killed", self._proc.pid,
@@ -156,6 +172,7 @@ class ProcessReceiver:
             self._kill()
         if self._reader is not None:
             self._reader.join(timeout_s)  # EOF once the child is gone and the pipe is read
+        self._ctrl.close()
         self._proc = None
 
     def _kill(self) -> None:
@@ -178,13 +195,19 @@ class ProcessReceiver:
                     with self._got_lock:
                         self._got += 1
         self._conn.close()
+        if not self._stopping:  # not asked to stop: it crashed or was killed
+            proc = self._proc
+            if proc is not None:
+                proc.join(5)
+            log.error("the DICOM receiver process ended unexpectedly (exit code %s): the node receives nothing more; "
+                      "restart it", proc.exitcode if proc is not None else "unknown")
 
 
 # -- the child ---------------------------------------------------------------------------------
 
 
-def _serve(cfg: _Config, conn: Any, slots: Any, accepting: Any, stop: Any, sent: Any) -> None:
-    """The receiver process: a pynetdicom SCP until ``stop`` is set or the parent dies."""
+def _serve(cfg: _Config, conn: Any, ctrl: Any, slots: Any, accepting: Any, sent: Any) -> None:
+    """The receiver process: a pynetdicom SCP until ``ctrl`` says stop (or closes) or the parent dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C / SIGTERM to the group: the parent drains, then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s (receiver): %(message)s")
@@ -208,8 +231,7 @@ def _serve(cfg: _Config, conn: Any, slots: Any, accepting: Any, stop: Any, sent:
 
     def emit(msg: StoreMessage) -> None:
         with lock:
-            with sent.get_lock():
-                sent.value += 1
+            sent.value += 1
             conn.send(msg)
 
     def answer(status: int, err: CxrkitError) -> Dataset:
@@ -238,7 +260,7 @@ def _serve(cfg: _Config, conn: Any, slots: Any, accepting: Any, stop: Any, sent:
         if problem is not None:
             return reject(*problem)
         del ds
-        if not accepting.is_set():
+        if not accepting.value:
             return reject(OUT_OF_RESOURCES, DetectorClosedError("the DICOM node is stopping"))
         if not slots.acquire(timeout=cfg.queue_timeout_s):
             return reject(OUT_OF_RESOURCES, InputError(uid, (
@@ -290,12 +312,11 @@ def _serve(cfg: _Config, conn: Any, slots: Any, accepting: Any, stop: Any, sent:
         return
     conn.send(("ready", int(server.server_address[1])))
     parent = multiprocessing.parent_process()
-    while not stop.wait(0.5):
+    while not ctrl.poll(0.5):  # "stop", or EOF: the parent closed its end
         if parent is not None and not parent.is_alive():
             log.error("the DICOM node's process is gone: the receiver stops")
-            accepting.clear()
             break
-    accepting.clear()
+    accepting.value = 0
     server.shutdown()  # no new associations; open ones finish the exchange under way
     grace = time.monotonic() + STOP_GRACE_S
     while server.active_associations and time.monotonic() < grace:
