@@ -56,10 +56,15 @@ def _metric(url: str, name: str, **labels: str) -> float:
 
 
 def _refused(url: str) -> bool:
+    """True once a new connection is refused. A probe that connected an instant before the listener
+    closed is reset by the kernel (it sat in the listen backlog; no response is served): not yet
+    an answer, so the caller polls again."""
     try:
         httpx.get(url + "/healthz", timeout=5)
     except httpx.ConnectError:
         return True
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        return False
     return False
 
 
