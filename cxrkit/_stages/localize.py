@@ -85,19 +85,18 @@ class Localizer:
         self.stride = float(card.heatmap_stride)
         self.index = {k: i for i, k in enumerate(self.labels)}  # shared by every batch's columns
         # Host heatmaps (numpy) go straight to the C++ kernel with what detect() would derive per
-        # call computed here once: the thresholds' logits and the kernel's float32 parameters. A
-        # disabled finding's map (peak threshold 2.0, logit +inf) costs the kernel one vector scan.
+        # call made once (postprocess.host_detector). A disabled finding's map (peak threshold 2.0,
+        # logit +inf) costs the kernel one vector scan. One host thread: the maps of a batch take a
+        # few µs per image, less than starting threads (and the prefetch thread is preprocessing the
+        # next batch on the other cores meanwhile).
         self._host = None
         self._gather = None  # cxrkit._C.gather_peaks: _kept_numpy in one call
         try:
             from ..kernels import cpu_module
+            from ..postprocess import host_detector
 
             self._gather = getattr(cpu_module(), "gather_peaks", None)
-            from ..postprocess import logit_thresholds
-
-            t_logit = np.ascontiguousarray(logit_thresholds(self.heat_thresholds), np.float32)  # (K,)
-            self._host = (cpu_module().localize, t_logit, int(cfg.max_peaks), float(np.float32(cfg.region_fraction)),
-                          int(cfg.max_extent), float(np.float32(cfg.iou_threshold)))
+            self._host = host_detector(self.heat_thresholds, cfg, num_threads=1)
         except (ImportError, ValueError, CxrkitError):  # no cxrkit._C, or thresholds detect() refuses per batch
             self._host = None
 
@@ -107,10 +106,7 @@ class Localizer:
         if (self._host is None or heat.dtype not in (np.float32, np.float16) or heat.ndim != 4
                 or heat.shape[1] != len(self.labels) or not heat.flags.c_contiguous):
             return None
-        fn, t_logit, max_peaks, fraction, extent, iou = self._host
-        # one host thread: the maps of a batch take a few µs per image, less than starting threads
-        # (and the prefetch thread is preprocessing the next batch on the other cores meanwhile)
-        return fn(heat, t_logit, max_peaks, fraction, extent, iou, 1)
+        return self._host(heat)
 
     def _kept(self, shown: np.ndarray, scores: np.ndarray, points: np.ndarray, boxes: np.ndarray,
               transforms: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ Each op has a numpy reference (``_reference``), a C++ kernel (``cxrkit._C``) and
 
 from __future__ import annotations
 
-from .localize import Detections, detect, logit_thresholds
+from .localize import Detections, detect, host_detector, logit_thresholds
 from .host import to_host
 from .nms import batched_nms
 
-__all__ = ["Detections", "detect", "batched_nms", "logit_thresholds", "to_host"]
+__all__ = ["Detections", "detect", "host_detector", "batched_nms", "logit_thresholds", "to_host"]

@@ -8,7 +8,7 @@ The function is defined once in :mod:`cxrkit.postprocess._reference` (numpy); ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from .. import kernels
 from ..config import LocalizeConfig
 from ._reference import detect_reference, logit_thresholds
 
-__all__ = ["Detections", "detect", "logit_thresholds"]
+__all__ = ["Detections", "detect", "host_detector", "logit_thresholds"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,24 @@ def detect(heatmap_logits: Any, peak_thresholds: Any, cfg: LocalizeConfig = Loca
         res = detect_reference(heat, peak_thresholds if not kernels.is_torch(peak_thresholds)
                                else _to_numpy(peak_thresholds), cfg)
     else:
-        res = kernels.cpu_module().localize(heat, t_logit, cfg.max_peaks, float(np.float32(cfg.region_fraction)),
-                                            cfg.max_extent, float(np.float32(cfg.iou_threshold)), num_threads)
+        res = kernels.cpu_module().localize(heat, t_logit, *_cpu_params(cfg), num_threads)
     return Detections(*_like_input(heatmap_logits, tuple(res)))
+
+
+def _cpu_params(cfg: LocalizeConfig) -> tuple[int, float, int, float]:
+    """The C++ kernel's arguments after the thresholds: max_peaks, region_fraction (a float32 value),
+    max_extent, iou_threshold (a float32 value)."""
+    return cfg.max_peaks, float(np.float32(cfg.region_fraction)), cfg.max_extent, float(np.float32(cfg.iou_threshold))
+
+
+def host_detector(peak_thresholds: Any, cfg: LocalizeConfig = LocalizeConfig(), *,
+                  num_threads: int = 1) -> Callable[[np.ndarray], tuple]:
+    """``detect(heat, peak_thresholds, cfg, impl="cpu")`` for many batches with one set of thresholds:
+    their logits and the kernel's arguments are made once here (``detect`` makes them per call, ~15
+    µs). The returned function takes C-contiguous float32 / float16 numpy maps (B, K, h, w), checked
+    by the caller, and returns the kernel's (counts, scores, points, boxes) numpy arrays.
+    Raises ImportError without cxrkit._C, ValueError for thresholds ``detect`` would refuse."""
+    fn = kernels.cpu_module().localize
+    t_logit = np.ascontiguousarray(_host_thresholds(peak_thresholds), np.float32)  # (K,)
+    args = _cpu_params(cfg)
+    return lambda heat: fn(heat, t_logit, *args, num_threads)
