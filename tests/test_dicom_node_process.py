@@ -7,6 +7,7 @@ tested for both receivers in test_dicom_node.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -114,21 +115,29 @@ def _wait_echo(proc: subprocess.Popen, port: int) -> None:
     raise AssertionError(proc.stderr.read() if proc.poll() is not None else "no echo answer")
 
 
-def test_cli_sigterm_to_the_group_drains_and_the_receiver_ends(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _node_cli(tmp_path: Path):
+    """A `cxrkit dicom-node` process that answers C-ECHO: yields (process, port, receiver pid, the
+    receiver's children); killed on the way out if it is still running."""
     port = free_port()
     proc = _start_cli(tmp_path, port)
     try:
         _wait_echo(proc, port)
         child, kids = _receiver_of(proc.pid)
+        yield proc, port, child, kids
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_sigterm_to_the_group_drains_and_the_receiver_ends(tmp_path: Path) -> None:
+    with _node_cli(tmp_path) as (proc, port, child, kids):
         uids = write_chest_series(tmp_path / "in", 6, size=128)
         r = subprocess.run([dcmtk("storescu"), "+sd", "-aec", "CXRKIT", "127.0.0.1", str(port), str(tmp_path / "in")],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         os.killpg(proc.pid, signal.SIGTERM)  # as a service manager or a Ctrl-C does: the receiver too
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report["unfinished"] == [] and report["journal"] == {"done": 6}
@@ -140,31 +149,19 @@ def test_cli_sigterm_to_the_group_drains_and_the_receiver_ends(tmp_path: Path) -
 
 
 def test_receiver_process_ends_when_the_node_is_killed(tmp_path: Path) -> None:
-    port = free_port()
-    proc = _start_cli(tmp_path, port)
-    try:
-        _wait_echo(proc, port)
-        child, kids = _receiver_of(proc.pid)
-        proc.kill()  # no drain, no stop: the receiver must not keep answering for a node that is gone
-        proc.wait(30)
-        assert _wait_gone(child, 10), "the receiver process outlived the node"
-        assert all(_wait_gone(k, 10) for k in kids)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    with _node_cli(tmp_path) as (proc, _, child, kids):
+        try:
+            proc.kill()  # no drain, no stop: the receiver must not keep answering for a node that is gone
+            proc.wait(30)
+            assert _wait_gone(child, 10), "the receiver process outlived the node"
+            assert all(_wait_gone(k, 10) for k in kids)
+        finally:
+            proc.communicate()
 
 
 def test_cli_exits_3_when_its_receiver_process_dies(tmp_path: Path) -> None:
-    port = free_port()
-    proc = _start_cli(tmp_path, port)
-    try:
-        _wait_echo(proc, port)
-        child, _ = _receiver_of(proc.pid)
+    with _node_cli(tmp_path) as (proc, _, child, _):
         os.kill(child, signal.SIGKILL)  # nothing can arrive any more: the node must not pretend to listen
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 3, err
     assert "receiver process ended unexpectedly" in err
